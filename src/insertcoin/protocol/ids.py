@@ -1,0 +1,25 @@
+import re
+import uuid
+
+from insertcoin.protocol.errors import ProtocolError
+
+# Safe inside MQTT topics: no '/', '+' or '#', and short enough for broker ACL patterns.
+MACHINE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_MACHINE_ID = re.compile(MACHINE_ID_PATTERN)
+
+
+def is_machine_id(value: object) -> bool:
+    return isinstance(value, str) and _MACHINE_ID.fullmatch(value) is not None
+
+
+def validate_machine_id(value: object) -> str:
+    if not is_machine_id(value):
+        raise ProtocolError(
+            f"invalid machineId {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -"
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def new_credit_id() -> str:
+    return f"cr_{uuid.uuid4().hex}"

@@ -1,0 +1,1 @@
+"""The insertcoin server: HTTP API, store, dispatcher and listener (extra `[server]`)."""

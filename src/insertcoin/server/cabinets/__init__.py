@@ -1,0 +1,1 @@
+"""Cabinets: registry, credentials and presence."""

@@ -1,0 +1,104 @@
+"""Cabinet shapes of the operator API and `cabinet add --json` (PROTOCOL.md sections 4, 6)."""
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from insertcoin.protocol.ids import MACHINE_ID_PATTERN
+from insertcoin.protocol.messages import Price
+
+# Stripe's zero-decimal currencies: amounts are whole units, not cents.
+_ZERO_DECIMAL = frozenset(
+    [
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    ]
+)
+MAX_PRICE_AMOUNT = 99_999_999  # Stripe's own ceiling for one amount
+
+
+def amount_from_decimal(price: str, currency: str) -> int:
+    """'1.00' usd → 100; '500' jpy → 500. Raises ValueError with a reason."""
+    try:
+        value = Decimal(price)
+    except InvalidOperation:
+        raise ValueError(f"price {price!r} is not a number (e.g. 1.00)") from None
+    exponent = 0 if currency.lower() in _ZERO_DECIMAL else 2
+    amount = value.scaleb(exponent)
+    if amount != amount.to_integral_value() or amount < 0:
+        raise ValueError(f"price {price!r} is not a valid {currency.upper()} amount")
+    return int(amount)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+CabinetName = Annotated[str, Field(min_length=1, max_length=200)]
+CreditsPerPurchase = Annotated[int, Field(ge=1, le=100)]
+
+
+class PriceIn(_Model):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    amount: Annotated[int, Field(ge=0, le=MAX_PRICE_AMOUNT)]
+    currency: Annotated[str, Field(pattern=r"^[a-zA-Z]{3}$")]
+
+    def to_price(self) -> Price:
+        return Price(amount=self.amount, currency=self.currency.lower())
+
+
+class CabinetCreate(_Model):
+    machine_id: Annotated[str, Field(pattern=MACHINE_ID_PATTERN)]
+    name: CabinetName
+    price: PriceIn
+    credits_per_purchase: CreditsPerPurchase = 1
+
+
+class CabinetPatch(_Model):
+    name: CabinetName | None = None
+    price: PriceIn | None = None
+    credits_per_purchase: CreditsPerPurchase | None = None
+    enabled: bool | None = None
+
+
+class MqttCredentials(_Model):
+    username: str
+    password: str
+
+
+class Cabinet(_Model):
+    machine_id: str
+    name: str
+    enabled: bool
+    price: Price
+    credits_per_purchase: int
+    pay_url: str
+    online: bool
+    state: str | None
+    credits: int | None
+    last_seen: datetime | None
+
+
+class NewCabinet(Cabinet):
+    """Returned once, at creation: the only time the secrets are shown."""
+
+    mqtt: MqttCredentials
+    token: str

@@ -1,0 +1,221 @@
+"""Server commands: serve, db, cabinet, broker. Settings errors end in one line that
+names the variable to fix, exit code 2, and no traceback."""
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from insertcoin.logs import configure as configure_logs
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+cabinet_app = typer.Typer(help="Register and inspect cabinets.", no_args_is_help=True)
+broker_app = typer.Typer(help="Configure an MQTT broker for your cabinets.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _friendly(func: F) -> F:
+    """Turn domain and settings errors into one line on stderr."""
+    import functools  # noqa: PLC0415
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from insertcoin.server.errors import InsertcoinError  # noqa: PLC0415
+
+        try:
+            return func(*args, **kwargs)
+        except InsertcoinError as exc:
+            raise _fail(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Any:
+    from insertcoin.server.settings import load_settings  # noqa: PLC0415
+
+    return load_settings()
+
+
+def _store() -> Any:
+    """Settings, migrated database and registry, for commands that need no broker."""
+    from insertcoin.server.cabinets.registry import CabinetRegistry  # noqa: PLC0415
+    from insertcoin.server.store.database import open_database, upgrade  # noqa: PLC0415
+
+    settings = _settings()
+    db = open_database(settings.sqlalchemy_url)
+    upgrade(db)
+    return settings, db, CabinetRegistry(db, settings)
+
+
+@_friendly
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the API, dispatcher and MQTT listener (migrates the database first)."""
+    configure_logs()
+    import uvicorn  # noqa: PLC0415
+
+    from insertcoin.server.app import create_app  # noqa: PLC0415
+    from insertcoin.server.runtime import Runtime  # noqa: PLC0415
+
+    settings = _settings()
+    runtime = Runtime(settings)
+    runtime.start()
+    try:
+        _banner(runtime, host, port)
+        uvicorn.run(
+            create_app(settings, runtime),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
+    finally:
+        runtime.stop()
+
+
+def _banner(runtime: Any, host: str, port: int) -> None:
+    lines = [
+        f"insertcoin serving on http://{host}:{port}  (public URL {runtime.settings.public_url})",
+        f"  database: {runtime.db.describe()}",
+        f"  broker:   {runtime.broker_description}",
+        f"  API docs: http://{host}:{port}/docs",
+    ]
+    if runtime.admin.new_token:
+        lines.append(f"  admin token (shown once, keep it): {runtime.admin.new_token}")
+    typer.echo("\n".join(lines), err=False)
+    sys.stdout.flush()
+
+
+@db_app.command("upgrade")
+@_friendly
+def db_upgrade() -> None:
+    """Apply database migrations."""
+    configure_logs("warning")
+    from insertcoin.server.store.database import open_database, upgrade  # noqa: PLC0415
+
+    settings = _settings()
+    db = open_database(settings.sqlalchemy_url)
+    revision = upgrade(db)
+    typer.echo(f"database {db.describe()} is at revision {revision}")
+
+
+def _print_cabinet(cabinet: Any, as_json: bool) -> None:
+    if as_json:
+        typer.echo(cabinet.model_dump_json(by_alias=True, indent=2))
+        return
+    price = cabinet.price
+    state = "online" if cabinet.online else "offline"
+    typer.echo(
+        f"{cabinet.machine_id}  {cabinet.name!r}  {price.amount} {price.currency} "
+        f"for {cabinet.credits_per_purchase} credit(s)  "
+        f"{'enabled' if cabinet.enabled else 'disabled'}  {state}  {cabinet.pay_url}"
+    )
+
+
+@cabinet_app.command("add")
+@_friendly
+def cabinet_add(
+    machine_id: Annotated[str, typer.Argument(help="Cabinet id: A-Z a-z 0-9 _ - (≤ 64).")],
+    name: Annotated[str, typer.Option(help="Name shown to players.")],
+    price: Annotated[str, typer.Option(help="Price of one purchase, e.g. 1.00.")],
+    currency: Annotated[str, typer.Option(help="ISO currency code, e.g. usd.")] = "usd",
+    credits_per_purchase: Annotated[int, typer.Option(help="Credits one purchase buys.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with secrets).")] = False,
+) -> None:
+    """Register a cabinet and print its credentials (shown once)."""
+    configure_logs("warning")
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from insertcoin.server.cabinets.models import (  # noqa: PLC0415
+        CabinetCreate,
+        amount_from_decimal,
+    )
+
+    try:
+        spec = CabinetCreate(
+            machine_id=machine_id,
+            name=name,
+            price={"amount": amount_from_decimal(price, currency), "currency": currency},
+            credits_per_purchase=credits_per_purchase,
+        )
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise _fail(f"{where}: {err['msg']}") from None
+        raise _fail(str(exc)) from None
+    _, _, registry = _store()
+    cabinet = registry.create(spec)
+    if as_json:
+        _print_cabinet(cabinet, True)
+        return
+    _print_cabinet(cabinet, False)
+    typer.echo(
+        "Credentials (shown once, store them on the cabinet):\n"
+        f"  MQTT username: {cabinet.mqtt.username}\n"
+        f"  MQTT password: {cabinet.mqtt.password}\n"
+        f"  HTTP token:    {cabinet.token}"
+    )
+
+
+@cabinet_app.command("list")
+@_friendly
+def cabinet_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List cabinets with their presence."""
+    configure_logs("warning")
+    _, _, registry = _store()
+    cabinets = registry.list()
+    if as_json:
+        typer.echo(
+            json.dumps([c.model_dump(mode="json", by_alias=True) for c in cabinets], indent=2)
+        )
+        return
+    if not cabinets:
+        typer.echo(
+            "no cabinets yet: add one with 'insertcoin cabinet add ID --name N --price 1.00'"
+        )
+    for cabinet in cabinets:
+        _print_cabinet(cabinet, False)
+
+
+@cabinet_app.command("show")
+@_friendly
+def cabinet_show(
+    machine_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one cabinet."""
+    configure_logs("warning")
+    _, _, registry = _store()
+    _print_cabinet(registry.get(machine_id), as_json)
+
+
+@cabinet_app.command("disable")
+@_friendly
+def cabinet_disable(machine_id: str) -> None:
+    """Stop selling credits for a cabinet (its pay page says so)."""
+    configure_logs("warning")
+    from insertcoin.server.cabinets.models import CabinetPatch  # noqa: PLC0415
+
+    _, _, registry = _store()
+    registry.update(machine_id, CabinetPatch(enabled=False))
+    typer.echo(f"cabinet {machine_id} disabled")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.add_typer(db_app, name="db")
+    app.add_typer(cabinet_app, name="cabinet")
+    app.add_typer(broker_app, name="broker")

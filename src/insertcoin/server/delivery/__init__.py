@@ -1,0 +1,2 @@
+"""Credit delivery: the grant outbox, the dispatcher that publishes it, the listener for
+what cabinets say back."""

@@ -1,0 +1,120 @@
+"""Publishes what the database says is owed: due grants as `coinpulse`, and retained
+`config` for cabinets whose config changed or whose broker may have forgotten it.
+
+Runs every `dispatch_interval_seconds`, or at once when woken. Safe with several server
+processes: rows are claimed with SKIP LOCKED and rescheduled in the same transaction.
+"""
+
+import threading
+from collections.abc import Callable
+
+import structlog
+from sqlalchemy import select, update
+
+from insertcoin.protocol.messages import CabinetConfig, CoinPulse, dump_message
+from insertcoin.protocol.timestamps import utc_now
+from insertcoin.protocol.topics import TopicKind, Topics
+from insertcoin.server.delivery import grants
+from insertcoin.server.delivery.mqtt import MqttLink
+from insertcoin.server.store.database import Database
+from insertcoin.server.store.tables import cabinets
+
+log = structlog.get_logger(__name__)
+
+_BATCH = 500
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        db: Database,
+        link: MqttLink,
+        topics: Topics,
+        *,
+        backoff: grants.Backoff,
+        interval: float,
+        config_of: Callable[..., CabinetConfig],
+    ) -> None:
+        self._db = db
+        self._link = link
+        self._topics = topics
+        self._backoff = backoff
+        self._interval = interval
+        self._config_of = config_of
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._republish_configs = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def broker_connected(self) -> None:
+        """A (re)connected broker may have lost retained configs: publish them all again."""
+        self._republish_configs.set()
+        self._wake.set()
+
+    def send(self, pulse: CoinPulse) -> None:
+        topic = self._topics.topic(pulse.machine_id, TopicKind.COINPULSE)
+        if self._link.publish(topic, dump_message(pulse)):
+            log.debug("coinpulse_sent", machineId=pulse.machine_id, creditId=pulse.credit_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set() or not self._link.connected:
+                continue
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("dispatcher_failed")
+
+    def run_once(self) -> int:
+        """One pass; returns how many messages were published."""
+        sent = 0
+        if self._republish_configs.is_set():
+            self._republish_configs.clear()
+            with self._db.write() as conn:
+                conn.execute(update(cabinets).values(config_published_version=0))
+        while True:
+            with self._db.write() as conn:
+                pulses = grants.claim_due(conn, utc_now(), self._backoff, _BATCH)
+            for pulse in pulses:
+                self.send(pulse)
+            sent += len(pulses)
+            if len(pulses) < _BATCH:
+                break
+        while True:
+            with self._db.write() as conn:
+                rows = (
+                    conn.execute(
+                        select(cabinets)
+                        .where(cabinets.c.config_published_version < cabinets.c.config_version)
+                        .limit(_BATCH)
+                        .with_for_update(skip_locked=True)
+                    )
+                    .mappings()
+                    .all()
+                )
+                for row in rows:
+                    conn.execute(
+                        update(cabinets)
+                        .where(cabinets.c.machine_id == row["machine_id"])
+                        .values(config_published_version=row["config_version"])
+                    )
+            for row in rows:
+                topic = self._topics.topic(row["machine_id"], TopicKind.CONFIG)
+                self._link.publish(topic, dump_message(self._config_of(row)), retain=True)
+            sent += len(rows)
+            if len(rows) < _BATCH:
+                break
+        return sent

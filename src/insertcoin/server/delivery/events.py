@@ -1,0 +1,109 @@
+"""What cabinets say: `ack`, `status`, `gameover`. One handler for every transport — the
+MQTT listener, `POST /gameover`, and later an HTTP bridge fed by a broker rule."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import insert, select
+
+from insertcoin.protocol.errors import ProtocolError
+from insertcoin.protocol.messages import Ack, GameOver, Status, parse_message
+from insertcoin.protocol.timestamps import utc_now
+from insertcoin.protocol.topics import CABINET_PUBLISHES, TopicKind, Topics
+from insertcoin.server.cabinets.presence import apply_status
+from insertcoin.server.delivery import grants
+from insertcoin.server.metrics import Metrics
+from insertcoin.server.store.database import Database
+from insertcoin.server.store.tables import cabinets, gameovers
+
+log = structlog.get_logger(__name__)
+
+_MODELS: dict[TopicKind, type[Ack | Status | GameOver]] = {
+    TopicKind.ACK: Ack,
+    TopicKind.STATUS: Status,
+    TopicKind.GAMEOVER: GameOver,
+}
+
+
+@dataclass(frozen=True)
+class CabinetMessage:
+    """A validated message, attributed to the cabinet that was allowed to send it."""
+
+    machine_id: str
+    message: Ack | Status | GameOver
+    via: str = "mqtt"
+
+
+def decode(topics: Topics, topic: str, payload: bytes) -> CabinetMessage:
+    """Parse one MQTT message from a cabinet; ProtocolError says why it is unusable."""
+    machine_id, kind = topics.parse(topic)
+    if kind not in CABINET_PUBLISHES:
+        raise ProtocolError(f"cabinets do not publish {kind.value!r}")
+    message = parse_message(_MODELS[kind], payload)
+    if message.machine_id != machine_id:
+        raise ProtocolError(
+            f"machineId {message.machine_id!r} in payload does not match topic {machine_id!r}"
+        )
+    return CabinetMessage(machine_id, message)
+
+
+class CabinetEvents:
+    def __init__(
+        self,
+        db: Database,
+        metrics: Metrics,
+        on_settled: Callable[[list[grants.AckOutcome]], None] = lambda _: None,
+    ) -> None:
+        self._db = db
+        self._metrics = metrics
+        self._on_settled = on_settled
+
+    def handle(self, batch: list[CabinetMessage]) -> list[grants.AckOutcome]:
+        """Apply a batch in one transaction; unknown cabinets are logged and ignored."""
+        now = utc_now()
+        with self._db.write() as conn:
+            ids = sorted({m.machine_id for m in batch})
+            known = set(
+                conn.execute(
+                    select(cabinets.c.machine_id).where(cabinets.c.machine_id.in_(ids))
+                ).scalars()
+            )
+            acks: list[tuple[str, Ack]] = []
+            for item in batch:
+                message = item.message
+                if item.machine_id not in known:
+                    log.warning(
+                        "message_ignored",
+                        machineId=item.machine_id,
+                        reason="unknown cabinet",
+                        via=item.via,
+                    )
+                elif isinstance(message, Ack):
+                    acks.append((item.machine_id, message))
+                elif isinstance(message, Status):
+                    apply_status(conn, message, now)
+                else:
+                    conn.execute(
+                        insert(gameovers).values(
+                            machine_id=item.machine_id,
+                            via=item.via,
+                            credits_left=message.credits_left,
+                            reported_at=message.timestamp,
+                            received_at=now,
+                        )
+                    )
+                    log.info(
+                        "game_over",
+                        machineId=item.machine_id,
+                        via=item.via,
+                        creditsLeft=message.credits_left,
+                    )
+            outcomes = grants.apply_acks(conn, acks, now) if acks else []
+        for outcome in outcomes:
+            if outcome.created_at is not None and outcome.event == grants.APPLIED:
+                self._metrics.delivery_seconds.observe((now - outcome.created_at).total_seconds())
+        settled = [o for o in outcomes if o.created_at is not None]
+        if settled:
+            self._on_settled(settled)
+        return outcomes

@@ -1,0 +1,74 @@
+"""Feeds MQTT messages from cabinets to `CabinetEvents` in batches, off the network thread.
+
+Bad messages are logged and dropped here, never reaching the database. A batch that
+fails (database away) is retried a few times, then dropped: a lost ack heals because the
+dispatcher re-sends the grant and the cabinet re-acks it; a lost status is superseded by
+the next one.
+"""
+
+import queue
+import threading
+import time
+
+import structlog
+
+from insertcoin.protocol.errors import ProtocolError
+from insertcoin.protocol.topics import Topics
+from insertcoin.server.delivery.events import CabinetEvents, CabinetMessage, decode
+
+log = structlog.get_logger(__name__)
+
+_BATCH = 500
+_TRIES = 5
+
+
+class Listener:
+    def __init__(self, topics: Topics, events: CabinetEvents) -> None:
+        self._topics = topics
+        self._events = events
+        self._queue: queue.Queue[CabinetMessage | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Called on the MQTT network thread for every message received."""
+        try:
+            self._queue.put(decode(self._topics, topic, payload))
+        except ProtocolError as exc:
+            log.warning("message_rejected", topic=topic, reason=exc.reason, size=len(payload))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < _BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._handle(batch)
+            if stopping:
+                return
+
+    def _handle(self, batch: list[CabinetMessage]) -> None:
+        for attempt in range(1, _TRIES + 1):
+            try:
+                self._events.handle(batch)
+                return
+            except Exception:
+                log.exception("listener_batch_failed", size=len(batch), attempt=attempt)
+                time.sleep(min(attempt, 3))
+        log.error("listener_batch_dropped", size=len(batch))

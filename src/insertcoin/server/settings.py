@@ -1,0 +1,192 @@
+"""Typed settings from the environment and `.env` (PROTOCOL.md section 5).
+
+Built by `load_settings()` and passed in; nothing reads the environment at import time.
+The prototype's variable names are accepted as fallbacks so its `.env` works unchanged.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import unquote, urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from insertcoin.protocol.topics import DEFAULT_PREFIX, Topics
+from insertcoin.server.errors import ConfigError
+
+DEFAULT_MQTT_HOST = "127.0.0.1"
+DEFAULT_MQTT_PORT = 1883
+
+
+def _env(name: str, *fallbacks: str) -> AliasChoices:
+    return AliasChoices(name, *fallbacks)
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    def display(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"scheme must be mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    tls = parts.scheme == "mqtts"
+    return MqttTarget(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=tls,
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    database_url: Annotated[str, Field(validation_alias=_env("INSERTCOIN_DATABASE_URL"))] = (
+        "sqlite:///./insertcoin.db"
+    )
+    mqtt_url: Annotated[str | None, Field(validation_alias=_env("INSERTCOIN_MQTT_URL"))] = None
+    mqtt_broker: Annotated[str | None, Field(validation_alias=_env("MQTT_BROKER"))] = None
+    mqtt_port: Annotated[int | None, Field(validation_alias=_env("MQTT_PORT"))] = None
+    mqtt_username: Annotated[str | None, Field(validation_alias=_env("MQTT_USERNAME"))] = None
+    mqtt_password: Annotated[SecretStr | None, Field(validation_alias=_env("MQTT_PASSWORD"))] = None
+    mqtt_ca_file: Annotated[
+        Path | None, Field(validation_alias=_env("INSERTCOIN_MQTT_CA_FILE"))
+    ] = None
+    mqtt_topic_prefix: Annotated[
+        str, Field(validation_alias=_env("INSERTCOIN_MQTT_TOPIC_PREFIX"))
+    ] = DEFAULT_PREFIX
+    # None: on for an external broker, off for the embedded one (it has no $share).
+    mqtt_shared_subscriptions: Annotated[
+        bool | None, Field(validation_alias=_env("INSERTCOIN_MQTT_SHARED_SUBSCRIPTIONS"))
+    ] = None
+    public_url: Annotated[str, Field(validation_alias=_env("INSERTCOIN_PUBLIC_URL"))] = (
+        "http://127.0.0.1:8000"
+    )
+    admin_token: Annotated[
+        SecretStr | None, Field(validation_alias=_env("INSERTCOIN_ADMIN_TOKEN"))
+    ] = None
+    credit_ttl_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_CREDIT_TTL_SECONDS"))
+    ] = 120.0
+    retry_initial_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_RETRY_INITIAL_SECONDS"))
+    ] = 2.0
+    retry_max_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_RETRY_MAX_SECONDS"))
+    ] = 30.0
+    dispatch_interval_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_DISPATCH_INTERVAL_SECONDS"))
+    ] = 1.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+            raise ValueError("use sqlite:///path.db or postgresql://user@host/db")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _valid_mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_mqtt_url(value)
+        return value
+
+    @field_validator("mqtt_topic_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        Topics(value)
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _valid_public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    def mqtt_target(self) -> MqttTarget | None:
+        """The configured broker, or None: use 127.0.0.1:1883, else start the embedded one."""
+        if self.mqtt_url:
+            return parse_mqtt_url(self.mqtt_url)
+        if self.mqtt_broker:
+            port = self.mqtt_port or DEFAULT_MQTT_PORT
+            return MqttTarget(
+                host=self.mqtt_broker,
+                port=port,
+                username=self.mqtt_username,
+                password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
+                tls=port == 8883,
+            )
+        return None
+
+    def ca_file(self) -> Path | None:
+        if self.mqtt_ca_file is not None:
+            return self.mqtt_ca_file
+        legacy = Path("ca.crt")
+        return legacy if legacy.is_file() else None
+
+    def topics(self) -> Topics:
+        return Topics(self.mqtt_topic_prefix)
+
+    def pay_url(self, machine_id: str) -> str:
+        return f"{self.public_url}/pay/{machine_id}"
+
+
+_ENV_NAMES = {
+    name: (
+        field.validation_alias.choices[0]
+        if isinstance(field.validation_alias, AliasChoices)
+        else name
+    )
+    for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; raise ConfigError with one line naming the variable to fix."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = _ENV_NAMES.get(field, field)
+        raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')}") from None
+    ca = settings.ca_file()
+    if settings.mqtt_ca_file is not None and ca is not None and not os.access(ca, os.R_OK):
+        raise ConfigError(f"INSERTCOIN_MQTT_CA_FILE: cannot read {ca}")
+    return settings

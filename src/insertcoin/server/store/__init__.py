@@ -1,0 +1,1 @@
+"""Everything the server knows lives here: SQLite or PostgreSQL, one schema, Alembic migrations."""

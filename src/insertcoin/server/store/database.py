@@ -1,0 +1,136 @@
+"""Engine, transactions and migrations for SQLite and PostgreSQL.
+
+SQLite runs in WAL mode with synchronous=FULL, so a committed grant survives power loss
+before any answer says it exists. Writers are serialized in-process (SQLite allows one
+writer anyway, and its busy handler sleeps in coarse steps), and take the write lock at
+BEGIN so two processes sharing a file never deadlock on a lock upgrade.
+"""
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from insertcoin.server.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Every server process takes this PostgreSQL advisory lock around migrations.
+_MIGRATION_LOCK_ID = 0x1C0FFEE
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        self.engine = self._create_engine(url, pool_size)
+
+    def _create_engine(self, url: str, pool_size: int) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(
+                url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+            )
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+            for pragma in (
+                "journal_mode=WAL",
+                "synchronous=FULL",
+                "foreign_keys=ON",
+                "busy_timeout=30000",
+            ):
+                dbapi_conn.execute(f"PRAGMA {pragma}")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            writing = conn.get_execution_options().get("insertcoin_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+        return engine
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One read-write transaction; committed when the block ends without error."""
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.connect() as raw:
+            conn = raw.execution_options(insertcoin_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def check(self) -> None:
+        """Raise if the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def describe(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+
+def open_database(url: str, *, variable: str = "INSERTCOIN_DATABASE_URL") -> Database:
+    """Open and check the database; an unreachable one is a ConfigError naming the variable."""
+    try:
+        db = Database(url)
+        db.check()
+    except (OperationalError, DBAPIError) as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"{variable}: cannot open {url!r}: {reason}") from None
+    except Exception as exc:  # a URL SQLAlchemy cannot parse, an unknown driver
+        raise ConfigError(f"{variable}: cannot open {url!r}: {exc}") from None
+    return db
+
+
+def current_revision(db: Database) -> str | None:
+    with db.read() as conn:
+        try:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+        except DBAPIError:
+            return None
+    return row[0] if row else None
+
+
+def upgrade(db: Database) -> str:
+    """Apply pending migrations; cheap when up to date (Alembic is imported only if needed)."""
+    from insertcoin.server.store.migrations import LATEST_REVISION  # noqa: PLC0415
+
+    if current_revision(db) == LATEST_REVISION:
+        return LATEST_REVISION
+    from alembic import command  # noqa: PLC0415 - heavy, and rarely needed at start
+    from alembic.config import Config  # noqa: PLC0415
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with db.engine.connect() as conn:
+        if not db.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            conn.commit()
+        try:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            conn.commit()
+        finally:
+            if not db.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+                conn.commit()
+    log.info("database_migrated", revision=LATEST_REVISION, database=db.describe())
+    return LATEST_REVISION

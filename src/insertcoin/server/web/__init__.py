@@ -1,0 +1,1 @@
+"""HTTP routes: seed-compatible, cabinet-authenticated, operator API, health."""
