@@ -5,7 +5,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 
 from insertcoin import __version__
 from insertcoin.server.runtime import Runtime
@@ -34,7 +33,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         title="insertcoin",
         version=__version__,
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimit)

@@ -1,0 +1,3 @@
+from insertcoin.cli import main
+
+main()

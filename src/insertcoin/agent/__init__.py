@@ -1,0 +1,1 @@
+"""The cabinet agent (insertcoin agent --config cabinet.toml). Imports no server library."""

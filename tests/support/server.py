@@ -1,0 +1,122 @@
+"""Running a real server for tests: in a thread (uvicorn on a free port) or as a child
+process that can be SIGKILLed."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from insertcoin.server.app import create_app
+from insertcoin.server.runtime import Runtime
+from insertcoin.server.settings import Settings, load_settings
+from tests.support.services import free_port, wait_port
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+# Fast timings so delivery, retry and expiry happen within a test's patience.
+FAST = {
+    "INSERTCOIN_ADMIN_TOKEN": ADMIN_TOKEN,
+    "INSERTCOIN_RETRY_INITIAL_SECONDS": "0.3",
+    "INSERTCOIN_RETRY_MAX_SECONDS": "1",
+    "INSERTCOIN_DISPATCH_INTERVAL_SECONDS": "0.1",
+}
+
+
+def make_settings(db_url: str, broker_url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "mqtt_url": broker_url,
+        "mqtt_topic_prefix": prefix,
+        "admin_token": ADMIN_TOKEN,
+        "retry_initial_seconds": 0.3,
+        "retry_max_seconds": 1.0,
+        "dispatch_interval_seconds": 0.1,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class ServerThread:
+    """The real app behind real HTTP, in this process (uvicorn in a thread)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.runtime = Runtime(settings)
+        self.runtime.start()
+        config = uvicorn.Config(
+            create_app(settings, self.runtime),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        wait_port(self.port)
+        self.admin = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
+
+    def stop(self) -> None:
+        self.admin.close()
+        self._server.should_exit = True
+        self._thread.join(10)
+        self.runtime.stop()
+
+
+class ServerProcess:
+    """`insertcoin serve` as a child process, for crash and scale-out tests."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **FAST, **env}
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port)],
+                env=self.env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/status", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server did not start; see {self.log}:\n" + self.log.read_text()[-3000:]
+                )
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.process = None
