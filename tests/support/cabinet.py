@@ -11,7 +11,15 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from insertcoin.protocol import Ack, CoinPulse, Status, Topics, dump_message, parse_message
+from insertcoin.protocol import (
+    Ack,
+    CoinPulse,
+    ProtocolError,
+    Status,
+    Topics,
+    dump_message,
+    parse_message,
+)
 from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.settings import parse_mqtt_url
 
@@ -34,6 +42,7 @@ class FakeCabinets:
         self.applied: dict[str, int] = {}  # creditId → credits, applied once each
         self.credits: Counter[str] = Counter()  # machineId → credits applied
         self.rejected: dict[str, str] = {}
+        self.invalid = 0  # unusable payloads, ignored as an agent would
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         target = parse_mqtt_url(broker_url)
@@ -85,7 +94,12 @@ class FakeCabinets:
         )
 
     def _on_message(self, client: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
-        pulse = parse_message(CoinPulse, message.payload)
+        try:
+            pulse = parse_message(CoinPulse, message.payload)
+        except ProtocolError:
+            with self.changed:
+                self.invalid += 1
+            return
         reason: str | None = None
         with self.changed:
             self.received[pulse.credit_id] += 1
