@@ -7,18 +7,19 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 import psycopg
-
 from tests.support.services import PG_URL, Mosquitto, free_port
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
@@ -47,6 +48,31 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process; (0, 0) if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches summed over the process's threads."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, all cores."""
     first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -56,47 +82,119 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return (total - idle) / CLOCK_TICK, total / CLOCK_TICK
 
 
-@dataclass
 class CpuWindow:
-    """CPU used by named processes (and the whole machine) between start() and stop()."""
+    """CPU used by named processes (and the whole machine) between start() and stop().
 
-    pids: dict[str, list[int]]
-    _start: dict[str, float] = field(default_factory=dict)
-    _machine: tuple[float, float] = (0.0, 0.0)
-    _wall: float = 0.0
+    `backends`, if given, lists (pid, started_at) of short-lived helpers (PostgreSQL
+    backends of the server's pool): sampled every 0.2 s, so connections opened during
+    the window are counted too (from their birth), and how many were opened."""
+
+    def __init__(
+        self,
+        pids: dict[str, list[int]],
+        backends: Callable[[], list[tuple[int, float]]] | None = None,
+        detail: int | None = None,
+    ) -> None:
+        self.pids = pids
+        self._detail = detail  # one pid whose user/system split and switches to report
+        self._detail_start: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+        self._backends = backends
+        self._start: dict[str, float] = {}
+        self._machine = (0.0, 0.0)
+        self._wall = 0.0
+        self._since = 0.0
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._born = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, pids in self.pids.items():
-            out[name] = sum(process_cpu_seconds(pid) or 0.0 for pid in pids)
-        return out
+        return {
+            name: sum(process_cpu_seconds(pid) or 0.0 for pid in pids)
+            for name, pids in self.pids.items()
+        }
+
+    def _sample_backends(self) -> None:
+        assert self._backends is not None
+        for pid, started_at in self._backends():
+            cpu = process_cpu_seconds(pid)
+            if cpu is None:
+                continue
+            if pid not in self._first:
+                born = started_at >= self._since
+                self._born += born
+                self._first[pid] = 0.0 if born else cpu
+            self._last[pid] = cpu
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample_backends()
+
+    def _sample_detail(self) -> tuple[float, float, int, int]:
+        assert self._detail is not None
+        return (*process_cpu_split(self._detail), *context_switches(self._detail))
 
     def start(self) -> None:
+        if self._detail is not None:
+            self._detail_start = self._sample_detail()
         self._start = self._sample()
         self._machine = machine_cpu_seconds()
         self._wall = time.monotonic()
+        self._since = time.time()
+        if self._backends is not None:
+            self._sample_backends()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
 
     def stop(self) -> dict[str, Any]:
         end = self._sample()
         busy, total = machine_cpu_seconds()
         wall = time.monotonic() - self._wall
         used = {name: end[name] - self._start[name] for name in end}
+        extra: dict[str, Any] = {}
+        if self._detail is not None:
+            now = self._sample_detail()
+            delta = [b - a for a, b in zip(self._detail_start, now, strict=True)]
+            extra["detail_process"] = {
+                "user_cores": round(delta[0] / wall, 3),
+                "system_cores": round(delta[1] / wall, 3),
+                "voluntary_switches_per_second": round(delta[2] / wall),
+                "involuntary_switches_per_second": round(delta[3] / wall),
+            }
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample_backends()
+            used["postgresql_backends"] = sum(self._last[p] - self._first[p] for p in self._last)
+            extra["postgresql_backends_seen"] = len(self._last)
+            extra["postgresql_connections_opened"] = self._born
         machine_busy = busy - self._machine[0]
         return {
             "wall_seconds": round(wall, 3),
-            # CPU-seconds per wall-second: 1.0 is one core fully busy (this machine has
-            # os.cpu_count() of them).
+            # CPU-seconds per wall-second: 1.0 is one core fully busy.
             "cores_used": {name: round(v / wall, 3) for name, v in used.items()},
             "machine_cores_busy": round(machine_busy / wall, 3),
             "others_cores_busy": round((machine_busy - sum(used.values())) / wall, 3),
             "machine_cores": round((total - self._machine[1]) / wall, 2),
+            **extra,
         }
 
 
+NODELAY_SITE = Path(__file__).resolve().parent / "nodelay"
+
+
+def nodelay_env() -> dict[str, str]:
+    """Environment that makes a Python child set TCP_NODELAY on its TCP connections."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": f"{NODELAY_SITE}{os.pathsep}{path}" if path else str(NODELAY_SITE)}
+
+
 @contextmanager
-def mosquitto(workdir: Path) -> Iterator[Mosquitto]:
+def mosquitto(workdir: Path, *, nodelay: bool = False) -> Iterator[Mosquitto]:
     (workdir / "mosquitto").mkdir(parents=True, exist_ok=True)
-    broker = Mosquitto(workdir / "mosquitto")
+    extra = "allow_anonymous true\n" + ("set_tcp_nodelay true\n" if nodelay else "")
+    broker = Mosquitto(workdir / "mosquitto", extra_config=extra)
     broker.start()
     try:
         yield broker
@@ -113,6 +211,7 @@ class Database:
     sqlite_path: Path | None = None
     schema: str | None = None
     application_name: str | None = None
+    _monitor: Any = None
 
     def _connect(self) -> Any:
         if self.sqlite_path is not None:
@@ -131,16 +230,18 @@ class Database:
         finally:
             conn.close()
 
-    def server_backend_pids(self) -> list[int]:
-        """PostgreSQL backends serving the server under test (by application_name)."""
+    def server_backends(self) -> list[tuple[int, float]]:
+        """(pid, started_at) of the PostgreSQL backends serving the server under test."""
         if self.application_name is None:
             return []
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-                (self.application_name,),
-            ).fetchall()
-        return [row[0] for row in rows]
+        if self._monitor is None:
+            self._monitor = psycopg.connect(PG_URL, autocommit=True)
+        rows = self._monitor.execute(
+            "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (self.application_name,),
+        ).fetchall()
+        return [(int(pid), float(started)) for pid, started in rows]
 
     def pending(self) -> int:
         return int(self.query("SELECT count(*) FROM grants WHERE state = 'pending'")[0][0])
@@ -163,14 +264,17 @@ def database(kind: str, workdir: Path) -> Iterator[Database]:
     app_name = f"insertcoin-{schema}"
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
+    db = Database(
+        kind,
+        f"{PG_URL}?options=-csearch_path%3D{schema}&application_name={app_name}",
+        schema=schema,
+        application_name=app_name,
+    )
     try:
-        yield Database(
-            kind,
-            f"{PG_URL}?options=-csearch_path%3D{schema}&application_name={app_name}",
-            schema=schema,
-            application_name=app_name,
-        )
+        yield db
     finally:
+        if db._monitor is not None:
+            db._monitor.close()
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
@@ -235,21 +339,39 @@ class ServerProcess:
             self.process.wait()
         self.process = None
 
-    def log_lines(self) -> int:
+    def log_summary(self, samples: int = 10) -> dict[str, Any]:
+        """Count the server's structured log lines by level and event; keep a few
+        warnings and errors verbatim."""
+        events: Counter[str] = Counter()
+        problems: list[str] = []
+        other = 0
         with self.log_path.open("rb") as log:
-            return sum(1 for _ in log)
+            for line in log:
+                try:
+                    entry = orjson.loads(line)
+                    level, event = entry.get("level", "?"), entry.get("event", "?")
+                except (orjson.JSONDecodeError, AttributeError):
+                    other += 1
+                    continue
+                events[f"{level}:{event}"] += 1
+                if level in ("warning", "error", "critical") and len(problems) < samples:
+                    problems.append(line.decode(errors="replace").strip()[:500])
+        return {"events": dict(events.most_common()), "other_lines": other, "problems": problems}
 
 
 class AckerProcess:
     """`python -m bench.acker` as a child; stop() returns what it recorded."""
 
-    def __init__(self, broker_url: str, prefix: str, workdir: Path) -> None:
+    def __init__(
+        self, broker_url: str, prefix: str, workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.records = workdir / f"acker-{uuid.uuid4().hex[:6]}.json"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.acker", broker_url, prefix, str(self.records)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, **(env or {})},
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

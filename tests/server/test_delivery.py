@@ -90,15 +90,21 @@ def test_offline_cabinet_past_expiry_gets_no_credit(db_url, broker, broker_url, 
     """A cabinet away past expiresAt: the grant expires; when the cabinet returns, the
     stale coinpulse (if the broker still queued it) is rejected and adds no credit."""
     server = ServerThread(
-        make_settings(db_url, broker_url, prefix, credit_ttl_seconds=1.0,
-                      mqtt_shared_subscriptions=broker.shared_subscriptions)
+        make_settings(
+            db_url,
+            broker_url,
+            prefix,
+            credit_ttl_seconds=1.0,
+            mqtt_shared_subscriptions=broker.shared_subscriptions,
+        )
     )
     client_id = "fc-offline-cab"
     try:
         _add_cabinet(server, "away")
         FakeCabinets(broker_url, topics, ["away"], client_id=client_id).start().stop()
-        credit_id = server.admin.post("/api/cabinets/away/credits",
-                                      json={"credits": 1, "reason": "t"}).json()["creditId"]
+        credit_id = server.admin.post(
+            "/api/cabinets/away/credits", json={"credits": 1, "reason": "t"}
+        ).json()["creditId"]
         assert _wait_state(server, credit_id, "expired", timeout=5)["state"] == "expired"
         back = FakeCabinets(broker_url, topics, ["away"], client_id=client_id).start()
         try:
@@ -113,14 +119,13 @@ def test_offline_cabinet_past_expiry_gets_no_credit(db_url, broker, broker_url, 
         server.stop()
 
 
-def test_config_is_published_retained_and_follows_changes(server: ServerThread, broker_url,
-                                                          topics):
+def test_config_is_published_retained_and_follows_changes(server: ServerThread, broker_url, topics):
     """Creating or changing a cabinet publishes its retained `config`; a cabinet that
     connects later still gets the latest one."""
     _add_cabinet(server, "cfg1")
-    patched = server.admin.patch("/api/cabinets/cfg1",
-                                 json={"name": "Renamed", "price": {"amount": 250,
-                                                                    "currency": "eur"}})
+    patched = server.admin.patch(
+        "/api/cabinets/cfg1", json={"name": "Renamed", "price": {"amount": 250, "currency": "eur"}}
+    )
     assert patched.status_code == 200, patched.text
     time.sleep(0.5)
     got = _retained(broker_url, topics.topic("cfg1", TopicKind.CONFIG))
@@ -159,8 +164,9 @@ def test_metrics_count_grants_by_state(server: ServerThread, broker_url, topics)
     _add_cabinet(server, "met")
     cabinet = FakeCabinets(broker_url, topics, ["met"]).start()
     try:
-        credit_id = server.admin.post("/api/cabinets/met/credits",
-                                      json={"credits": 1, "reason": "m"}).json()["creditId"]
+        credit_id = server.admin.post(
+            "/api/cabinets/met/credits", json={"credits": 1, "reason": "m"}
+        ).json()["creditId"]
         assert _wait_state(server, credit_id, "applied")["state"] == "applied"
         text = server.admin.get("/metrics").text
         assert 'insertcoin_grants{state="applied"} 1.0' in text

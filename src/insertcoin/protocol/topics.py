@@ -38,7 +38,7 @@ class Topics:
     def wildcard(self, kind: TopicKind) -> str:
         return f"{self.prefix}/+/{kind.value}"
 
-    def shared(self, kind: TopicKind, group: str = "insertcoin") -> str:
+    def shared(self, kind: TopicKind, group: str) -> str:
         return f"$share/{group}/{self.wildcard(kind)}"
 
     def parse(self, topic: str) -> tuple[str, TopicKind]:

@@ -4,6 +4,7 @@ printed once, and kept only as a hash."""
 import hmac
 
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
 from insertcoin.server.cabinets.credentials import new_secret, token_hash
 from insertcoin.server.settings import Settings
@@ -25,10 +26,13 @@ class AdminToken:
     def load(cls, db: Database, settings: Settings) -> "AdminToken":
         if settings.admin_token is not None:
             return cls(token_hash(settings.admin_token.get_secret_value()))
-        with db.write() as conn:
-            stored = conn.execute(select(meta.c.value).where(meta.c.key == _KEY)).scalar()
-            if stored is not None:
-                return cls(stored)
-            token = new_secret()
-            conn.execute(insert(meta).values(key=_KEY, value=token_hash(token)))
+        token = new_secret()
+        try:
+            with db.write() as conn:
+                stored = conn.execute(select(meta.c.value).where(meta.c.key == _KEY)).scalar()
+                if stored is not None:
+                    return cls(stored)
+                conn.execute(insert(meta).values(key=_KEY, value=token_hash(token)))
+        except IntegrityError:  # another server process generated it at the same moment
+            return cls.load(db, settings)
         return cls(token_hash(token), new_token=token)

@@ -4,6 +4,7 @@ names the variable to fix, exit code 2, and no traceback."""
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -212,6 +213,35 @@ def cabinet_disable(machine_id: str) -> None:
     _, _, registry = _store()
     registry.update(machine_id, CabinetPatch(enabled=False))
     typer.echo(f"cabinet {machine_id} disabled")
+
+
+@broker_app.command("mosquitto-config")
+@_friendly
+def broker_mosquitto_config(
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="Directory to write the three files into."),
+    ],
+) -> None:
+    """Write Mosquitto's password file, ACL and a config snippet for all cabinets."""
+    configure_logs("warning")
+    from insertcoin.server.brokerconfig import write_mosquitto_config  # noqa: PLC0415
+
+    settings, db, _ = _store()
+    files = write_mosquitto_config(settings, db, out)
+    typer.echo(
+        f"wrote {files.password_file}  (server account {files.server_user!r} "
+        f"and {files.cabinets} cabinet(s))\n"
+        f"wrote {files.acl_file}  (each cabinet may use only its own topics)\n"
+        f"wrote {files.conf_file}\n"
+        "Next:\n"
+        "  1. Add this line at the end of mosquitto.conf, unless it includes this directory:\n"
+        f"       include_dir {files.conf_file.parent}\n"
+        "  2. Let the broker's user read the password file (once; later runs keep its owner):\n"
+        f"       chown mosquitto: {files.password_file}\n"
+        "  3. Reload Mosquitto now, and after every run (e.g. after adding cabinets):\n"
+        "       systemctl reload mosquitto   (or: kill -HUP <its pid>)"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -64,7 +64,8 @@ class Runtime:
         # retained, so every process takes them plainly (shared subs get no retained).
         once = [TopicKind.ACK, TopicKind.GAMEOVER]
         if self.shared_subscriptions:
-            topics = [self.topics.shared(kind) for kind in once]
+            group = self.settings.share_group()
+            topics = [self.topics.shared(kind, group) for kind in once]
         else:
             topics = [self.topics.wildcard(kind) for kind in once]
         return [*topics, self.topics.wildcard(TopicKind.STATUS)]

@@ -4,6 +4,7 @@ Built by `load_settings()` and passed in; nothing reads the environment at impor
 The prototype's variable names are accepted as fallbacks so its `.env` works unchanged.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,19 @@ class Settings(BaseSettings):
                 tls=port == 8883,
             )
         return None
+
+    def share_group(self) -> str:
+        """The shared-subscription group of the server fleet.
+
+        Brokers let any client join any share group, and then round-robin the fleet's
+        acks to it. A group named after the server's own MQTT secret cannot be guessed
+        by a cabinet, so a cabinet cannot take acks away from the servers.
+        """
+        target = self.mqtt_target()
+        if target is None or not target.password:
+            return "insertcoin"
+        secret = f"{target.username}:{target.password}".encode()
+        return f"insertcoin-{hashlib.sha256(secret).hexdigest()[:16]}"
 
     def ca_file(self) -> Path | None:
         if self.mqtt_ca_file is not None:
