@@ -271,10 +271,17 @@ def run_database(
     kind: str, args: argparse.Namespace, workdir: Path, client: dict[str, Any]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"database": kind}
-    extra_env = nodelay_env() if args.nodelay else {}
-    with mosquitto(workdir, nodelay=args.nodelay) as broker, database(kind, workdir) as db:
+    nodelay = set(args.nodelay.split(",")) if args.nodelay else set()
+    if "all" in nodelay:
+        nodelay = {"broker", "server", "acker"}
+    server_env = nodelay_env() if "server" in nodelay else {}
+    acker_env = nodelay_env() if "acker" in nodelay else {}
+    with (
+        mosquitto(workdir, nodelay="broker" in nodelay) as broker,
+        database(kind, workdir) as db,
+    ):
         print(f"\n== {kind}: broker {broker.url}, workdir {workdir}")
-        result["acker_ceiling"] = acker_ceiling(broker.url, workdir, env=extra_env)
+        result["acker_ceiling"] = acker_ceiling(broker.url, workdir, env=acker_env)
         print(f"  acker ceiling: {result['acker_ceiling']}")
         server = ServerProcess(
             workdir,
@@ -282,7 +289,7 @@ def run_database(
                 "INSERTCOIN_DATABASE_URL": db.url,
                 "INSERTCOIN_MQTT_URL": broker.url,
                 "INSERTCOIN_MQTT_TOPIC_PREFIX": PREFIX,
-                **extra_env,
+                **server_env,
                 **dict(item.split("=", 1) for item in args.server_env),
             },
         )
@@ -290,7 +297,7 @@ def run_database(
         acker: AckerProcess | None = None
         try:
             _register_cabinets(server)
-            acker = AckerProcess(broker.url, PREFIX, workdir, env=extra_env)
+            acker = AckerProcess(broker.url, PREFIX, workdir, env=acker_env)
             warm = _grants(server, concurrency=1, count=30)
             warm += _grants(server, concurrency=CABINETS, count=300)
             _drain(db, 30)
@@ -598,8 +605,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--nodelay",
-        action="store_true",
-        help="experiment: TCP_NODELAY in Mosquitto (set_tcp_nodelay), the server and the acker",
+        metavar="WHERE",
+        help="experiment: TCP_NODELAY in any of broker (set_tcp_nodelay), server, acker, "
+        "comma-separated, or all",
     )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.databases.split(",") if k.strip()]

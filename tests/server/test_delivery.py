@@ -132,7 +132,8 @@ def test_config_is_published_retained_and_follows_changes(server: ServerThread, 
     assert got is not None
     config = parse_message(CabinetConfig, got)
     assert config.name == "Renamed"
-    assert config.price.amount == 250 and config.price.currency == "eur"
+    assert config.price.amount == 250
+    assert config.price.currency == "eur"
     assert config.pay_url == f"{server.settings.public_url}/pay/cfg1"
 
 
@@ -147,7 +148,9 @@ def test_status_and_last_will_drive_presence(server: ServerThread, broker_url, t
             assert time.monotonic() < deadline, "status never arrived"
             time.sleep(0.05)
         view = server.admin.get("/api/cabinets/pres").json()
-        assert view["state"] == "attract" and view["credits"] == 0 and view["lastSeen"]
+        assert view["state"] == "attract"
+        assert view["credits"] == 0
+        assert view["lastSeen"]
         will = dump_message(Status(machine_id="pres", online=False))
         cabinet.client.publish(topics.topic("pres", TopicKind.STATUS), will, qos=1, retain=True)
         deadline = time.monotonic() + 5

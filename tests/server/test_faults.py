@@ -2,10 +2,10 @@
 and scale-out): comp grants end `applied` exactly once, or `expired`, whatever dies.
 
 Every fault schedule comes from a seed that is printed with the test's numbers; set
-INSERTCOIN_TEST_SEED to replay one. INSERTCOIN_TEST_FAULT_GRANTS raises the number of
-grants per fault scenario (default 300; GUARANTEES.md speaks of 1,000), with one fault
-per ~60 grants. Each test prints a one-line summary of its counts, shown in CI logs even
-when the test passes.
+INSERTCOIN_TEST_SEED to replay one. INSERTCOIN_TEST_FAULT_GRANTS sets the number of
+grants per fault scenario: 1,000 by default, as GUARANTEES.md says (300 for a quicker
+local run; the issue asks for at least 300), with one fault per ~60-75 grants. Each test
+prints a one-line summary of its counts, shown in CI logs even when the test passes.
 """
 
 import json
@@ -37,7 +37,7 @@ from tests.support.services import Mosquitto, mosquitto, postgres_schema
 
 pytestmark = pytest.mark.slow
 
-MIN_GRANTS = int(os.environ.get("INSERTCOIN_TEST_FAULT_GRANTS", "300"))  # per fault scenario
+MIN_GRANTS = int(os.environ.get("INSERTCOIN_TEST_FAULT_GRANTS", "1000"))  # per fault scenario
 GAP = (40, 80)  # grants between two faults
 FINAL = {grant_outbox.APPLIED, grant_outbox.EXPIRED}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -309,77 +309,85 @@ def _first(ids: Any, n: int = 10) -> list[str]:
     return sorted(ids)[:n]
 
 
-def _check_exactly_once(
-    ledger: Ledger, cabinet: FakeCabinets, issued: dict[int, str]
-) -> dict[str, int]:
-    """Every grant final; each applied one applied once, on the server and the cabinet;
-    none lost. Returns the counts for the summary line."""
+@dataclass
+class Tally:
+    counts: dict[str, int]  # for the summary line
+    problems: dict[str, set[str]]  # what went wrong → the creditIds it went wrong for
+
+
+def _tally(ledger: Ledger, cabinet: FakeCabinets, issued: dict[int, str]) -> Tally:
+    """Compare what the client was told, what the database says and what the cabinet
+    did. Every problem found is a set of creditIds that must be empty."""
     db_ids = set(ledger.rows)
     known = set(issued.values())
     with cabinet.lock:
         cabinet_applied = dict(cabinet.applied)
+        cabinet_credits = dict(cabinet.credits)
         received = Counter(cabinet.received)
-    states = Counter(row.state for row in ledger.rows.values())
-    applied = {cid for cid, row in ledger.rows.items() if row.state == grant_outbox.APPLIED}
-    expired = {cid for cid, row in ledger.rows.items() if row.state == grant_outbox.EXPIRED}
-
-    lost = known - db_ids
-    assert not lost, f"{len(lost)} grants the API confirmed are not in the database: {_first(lost)}"
-    not_final = {cid for cid, row in ledger.rows.items() if row.state not in FINAL}
-    assert not not_final, (
-        f"{len(not_final)} grants not applied/expired ({states}): {_first(not_final)}"
-    )
-    in_outbox = {cid for cid, row in ledger.rows.items() if row.next_attempt_at is not None}
-    assert not in_outbox, f"outbox not empty: {_first(in_outbox)}"
-
-    # A grant the client never heard of must come from a request whose response was lost.
-    orphans = db_ids - known
-    by_reason = {row.reason: cid for cid, row in ledger.rows.items()}
-    strangers = {cid for cid in orphans if not ledger.rows[cid].reason.startswith("fault-test #")}
-    assert not strangers, f"grants no request asked for: {_first(strangers)}"
-    for index in issued:
-        assert f"fault-test #{index}" in by_reason
-
-    created_wrong = {cid for cid in db_ids if ledger.events[cid]["created"] != 1}
-    assert not created_wrong, f"grants without exactly one `created` event: {_first(created_wrong)}"
+    rows = ledger.rows
+    applied = {cid for cid, row in rows.items() if row.state == grant_outbox.APPLIED}
+    expired = {cid for cid, row in rows.items() if row.state == grant_outbox.EXPIRED}
     applications = {
         cid: ledger.events[cid]["applied"] + ledger.events[cid]["applied_late"] for cid in db_ids
     }
-    twice = {cid for cid, n in applications.items() if n > 1}
-    assert not twice, f"{len(twice)} grants applied twice in history: {_first(twice)}"
-    unrecorded = {cid for cid in applied if applications[cid] != 1}
-    assert not unrecorded, f"applied grants without their `applied` event: {_first(unrecorded)}"
-    expired_but_applied = {cid for cid in expired if applications[cid]}
-    assert not expired_but_applied, f"expired, with `applied` events: {_first(expired_but_applied)}"
-
-    # The cabinet's side agrees: it applied exactly the grants the server settled applied.
-    unacked = set(cabinet_applied) - applied
-    assert not unacked, f"cabinet applied grants not applied on the server: {_first(unacked)}"
-    never_applied = applied - set(cabinet_applied)
-    assert not never_applied, (
-        f"applied on the server, never on the cabinet: {_first(never_applied)}"
-    )
-    wrong = {cid for cid in applied if cabinet_applied[cid] != ledger.rows[cid].credits}
-    assert not wrong, f"cabinet applied other amounts than granted: {_first(wrong)}"
-    phantom = set(received) - db_ids
-    assert not phantom, f"cabinet received creditIds the database never had: {_first(phantom)}"
+    # A grant the client never heard of must come from a request whose response was lost.
+    orphans = db_ids - known
+    reasons = {row.reason for row in rows.values()}
     per_machine: Counter[str] = Counter()
     for cid in applied:
-        per_machine[ledger.rows[cid].machine_id] += ledger.rows[cid].credits
-    with cabinet.lock:
-        assert dict(cabinet.credits) == dict(per_machine)
-
-    return {
+        per_machine[rows[cid].machine_id] += rows[cid].credits
+    problems = {
+        "confirmed by the API, not in the database (lost)": known - db_ids,
+        "request got its 201, no grant carries its reason": {
+            issued[i] for i in issued if f"fault-test #{i}" not in reasons
+        },
+        "in the database, asked for by no request": {
+            cid for cid in orphans if not rows[cid].reason.startswith("fault-test #")
+        },
+        "neither applied nor expired": db_ids - applied - expired,
+        "still scheduled in the outbox": {
+            cid for cid, row in rows.items() if row.next_attempt_at is not None
+        },
+        "without exactly one `created` event": {
+            cid for cid in db_ids if ledger.events[cid]["created"] != 1
+        },
+        "applied twice in history": {cid for cid, n in applications.items() if n > 1},
+        "applied without an `applied` event": {cid for cid in applied if applications[cid] != 1},
+        "expired, with an `applied` event": {cid for cid in expired if applications[cid]},
+        "applied on the cabinet (acked), not applied on the server": set(cabinet_applied) - applied,
+        "applied on the server, never on the cabinet": applied - set(cabinet_applied),
+        "applied on the cabinet for another amount": {
+            cid
+            for cid in applied & set(cabinet_applied)
+            if cabinet_applied[cid] != rows[cid].credits
+        },
+        "received by the cabinet, never in the database": set(received) - db_ids,
+    }
+    if cabinet_credits != dict(per_machine):
+        problems["cabinet credit totals differ from the server's applied grants"] = {
+            f"{machine}: cabinet {cabinet_credits.get(machine, 0)} server {per_machine[machine]}"
+            for machine in set(cabinet_credits) | set(per_machine)
+        }
+    counts = {
         "issued": len(known),
         "in_db": len(db_ids),
         "response_lost": len(orphans),
         "applied": len(applied),
         "expired": len(expired),
-        "lost": len(lost),
-        "applied_twice": len(twice),
+        "expired_but_cabinet_applied": len(expired & set(cabinet_applied)),
+        "lost": len(known - db_ids),
+        "applied_twice": len(problems["applied twice in history"]),
         "coinpulses": sum(received.values()),
         "resent": sum(received.values()) - len(received),
     }
+    return Tally(counts, problems)
+
+
+def _assert_clean(tally: Tally, seed: int) -> None:
+    bad = {what: ids for what, ids in tally.problems.items() if ids}
+    assert not bad, f"seed {seed}: " + "; ".join(
+        f"{what} ({len(ids)}): {_first(ids, 5)}" for what, ids in bad.items()
+    )
 
 
 def _numbers(counts: dict[str, int]) -> str:
@@ -389,12 +397,13 @@ def _numbers(counts: dict[str, int]) -> str:
 # --- scenario 3: the server killed ----------------------------------------------------
 
 
+@pytest.mark.timeout(480)
 def test_server_sigkilled_during_grants_loses_and_doubles_nothing(
     db_url: str, broker: Mosquitto, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """GUARANTEES scenario 3 for comp grants: `insertcoin serve` is SIGKILLed at random
-    points (every 40-80 grants, inside requests in flight) and restarted, five or more
-    times, while ≥ 300 grants are issued through the API and a cabinet acks throughout.
+    points (every 40-80 grants, inside requests in flight) and restarted — 16 times while
+    1,000 grants (the default) are issued through the API, a cabinet acking throughout.
     Every grant in the database — including those whose 201 was lost with the dying
     process — ends `applied` exactly once (one `applied` event, applied once by the
     cabinet, for the amount granted) or `expired`; none the API confirmed is lost; the
@@ -424,9 +433,8 @@ def test_server_sigkilled_during_grants_loses_and_doubles_nothing(
 
         chaos = Chaos(rng, workload, faults=max(5, MIN_GRANTS // 60), fault=kill_and_restart)
         _run_with_chaos(workload, chaos)
-        left = _wait_quiet(engine, timeout=30 + 30)
-        assert left == 0, f"{left} grants still pending after TTL + 30 s (seed {seed})"
-        counts = _check_exactly_once(_ledger(engine), cabinet, workload.issued)
+        _wait_quiet(engine, timeout=30 + 30)  # what is left shows up in the tally
+        tally = _tally(_ledger(engine), cabinet, workload.issued)
     finally:
         cabinet.stop()
         server.stop()
@@ -434,20 +442,22 @@ def test_server_sigkilled_during_grants_loses_and_doubles_nothing(
     _say(
         capsys,
         f"server-kill db={_kind(db_url)} seed={seed} kills={len(chaos.log)} "
-        f"{_numbers(counts)} client_retries={workload.retries} "
+        f"{_numbers(tally.counts)} client_retries={workload.retries} "
         f"seconds={time.monotonic() - started:.1f} at={','.join(chaos.log)}",
     )
-    assert counts["issued"] >= MIN_GRANTS
+    _assert_clean(tally, seed)
+    assert tally.counts["issued"] >= MIN_GRANTS
 
 
 # --- scenario 4: the broker killed ----------------------------------------------------
 
 
+@pytest.mark.timeout(480)
 def test_broker_sigkilled_and_wiped_during_grants_loses_and_doubles_nothing(
     db_url: str, broker: Mosquitto, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """GUARANTEES scenario 4 for comp grants: Mosquitto is SIGKILLed four or more times
-    while ≥ 300 grants are issued, once with its persistence directory removed (the
+    """GUARANTEES scenario 4 for comp grants: Mosquitto is SIGKILLed 13 times while 1,000
+    grants are issued, once with its persistence directory removed (the
     cabinet's queued session and every queued coinpulse gone; the other kills restart
     from the saved state, replaying stale coinpulses), and restarted on the same port;
     server and cabinet reconnect by themselves. Every grant ends `applied` exactly once
@@ -488,9 +498,8 @@ def test_broker_sigkilled_and_wiped_during_grants_loses_and_doubles_nothing(
 
         chaos = Chaos(rng, workload, faults=faults, fault=kill_broker)
         _run_with_chaos(workload, chaos)
-        left = _wait_quiet(engine, timeout=60 + 30)
-        assert left == 0, f"{left} grants still pending after TTL + 30 s (seed {seed})"
-        counts = _check_exactly_once(_ledger(engine), cabinet, workload.issued)
+        _wait_quiet(engine, timeout=60 + 30)  # what is left shows up in the tally
+        tally = _tally(_ledger(engine), cabinet, workload.issued)
     finally:
         cabinet.stop()
         server.stop()
@@ -498,9 +507,11 @@ def test_broker_sigkilled_and_wiped_during_grants_loses_and_doubles_nothing(
     _say(
         capsys,
         f"broker-kill db={_kind(db_url)} seed={seed} kills={len(chaos.log)} "
-        f"persisted_bytes={persisted} {_numbers(counts)} "
+        f"persisted_bytes={persisted} {_numbers(tally.counts)} "
         f"seconds={time.monotonic() - started:.1f} at={','.join(chaos.log)}",
     )
+    _assert_clean(tally, seed)
+    counts = tally.counts
     assert counts["issued"] >= MIN_GRANTS
     assert counts["response_lost"] == 0  # the server never died: every 201 arrived
     assert counts["expired"] == 0, f"grants expired although re-sent for 60 s (seed {seed})"

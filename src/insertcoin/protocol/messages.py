@@ -20,7 +20,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from insertcoin.protocol.errors import ProtocolError
-from insertcoin.protocol.ids import MACHINE_ID_PATTERN
+from insertcoin.protocol.ids import CREDIT_ID_PATTERN, MACHINE_ID_PATTERN, TEXT_PATTERN
 from insertcoin.protocol.timestamps import format_timestamp
 from insertcoin.protocol.topics import TopicKind
 
@@ -38,8 +38,8 @@ Timestamp = Annotated[
     datetime, AfterValidator(_aware), PlainSerializer(format_timestamp, return_type=str)
 ]
 MachineId = Annotated[str, Field(pattern=MACHINE_ID_PATTERN)]
-CreditId = Annotated[str, Field(min_length=1, max_length=128)]
-Reason = Annotated[str, Field(max_length=500)]
+CreditId = Annotated[str, Field(pattern=CREDIT_ID_PATTERN)]
+Reason = Annotated[str, Field(max_length=500, pattern=TEXT_PATTERN)]
 
 
 class _Message(BaseModel):
@@ -48,7 +48,9 @@ class _Message(BaseModel):
         strict=True,
         extra="ignore",
         alias_generator=to_camel,
-        populate_by_name=True,
+        # Python code builds messages by field name; the wire is camelCase only
+        # (parse_message validates by alias alone).
+        validate_by_name=True,
     )
 
     machine_id: MachineId
@@ -83,7 +85,7 @@ class Status(_Message):
     state: Literal["attract", "playing", "out_of_service"] | None = None
     credits: Annotated[int, Field(ge=0)] | None = None
     timestamp: Timestamp | None = None
-    agent_version: Annotated[str, Field(max_length=64)] | None = None
+    agent_version: Annotated[str, Field(max_length=64, pattern=r"^[\x20-\x7e]*$")] | None = None
 
     @model_validator(mode="after")
     def _online_status_is_complete(self) -> "Status":
@@ -103,7 +105,7 @@ class CabinetConfig(_Message):
     pay_url: Annotated[str, Field(min_length=1, max_length=2048)]
     price: Price
     credits_per_purchase: Annotated[int, Field(ge=1)]
-    name: Annotated[str, Field(max_length=200)]
+    name: Annotated[str, Field(max_length=200, pattern=TEXT_PATTERN)]
 
 
 MODELS: dict[TopicKind, type[_Message]] = {
@@ -129,11 +131,15 @@ def _first_error(exc: ValidationError) -> str:
 
 def parse_message(model: type[M], payload: bytes | str) -> M:
     """Validate one payload; raise ProtocolError with a one-line reason."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        data = payload.encode() if isinstance(payload, str) else payload
+    except UnicodeEncodeError:
+        raise ProtocolError("payload is not valid UTF-8") from None
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         # JSON input: strict mode still accepts RFC 3339 strings for timestamps.
-        return model.model_validate_json(payload)
+        return model.model_validate_json(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise ProtocolError(_first_error(exc)) from None
 

@@ -63,12 +63,12 @@ def serve(
 ) -> None:
     """Run the API, dispatcher and MQTT listener (migrates the database first)."""
     configure_logs()
+    settings = _settings()  # before the heavy imports: a bad setting is reported at once
     import uvicorn  # noqa: PLC0415
 
     from insertcoin.server.app import create_app  # noqa: PLC0415
     from insertcoin.server.runtime import Runtime  # noqa: PLC0415
 
-    settings = _settings()
     runtime = Runtime(settings)
     runtime.start()
     try:
@@ -139,6 +139,7 @@ def cabinet_add(
 
     from insertcoin.server.cabinets.models import (  # noqa: PLC0415
         CabinetCreate,
+        PriceIn,
         amount_from_decimal,
     )
 
@@ -146,7 +147,7 @@ def cabinet_add(
         spec = CabinetCreate(
             machine_id=machine_id,
             name=name,
-            price={"amount": amount_from_decimal(price, currency), "currency": currency},
+            price=PriceIn(amount=amount_from_decimal(price, currency), currency=currency),
             credits_per_purchase=credits_per_purchase,
         )
     except ValueError as exc:

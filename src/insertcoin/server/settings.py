@@ -48,10 +48,12 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         port = parts.port
     except ValueError:
         raise ValueError(f"bad port in {url!r}") from None
+    if port == 0:
+        raise ValueError(f"port 0 in {url!r}: give a port from 1 to 65535, or none")
     tls = parts.scheme == "mqtts"
     return MqttTarget(
         host=parts.hostname,
-        port=port or (8883 if tls else 1883),
+        port=port if port is not None else (8883 if tls else 1883),
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
@@ -68,7 +70,9 @@ class Settings(BaseSettings):
     )
     mqtt_url: Annotated[str | None, Field(validation_alias=_env("INSERTCOIN_MQTT_URL"))] = None
     mqtt_broker: Annotated[str | None, Field(validation_alias=_env("MQTT_BROKER"))] = None
-    mqtt_port: Annotated[int | None, Field(validation_alias=_env("MQTT_PORT"))] = None
+    mqtt_port: Annotated[int | None, Field(ge=1, le=65535, validation_alias=_env("MQTT_PORT"))] = (
+        None
+    )
     mqtt_username: Annotated[str | None, Field(validation_alias=_env("MQTT_USERNAME"))] = None
     mqtt_password: Annotated[SecretStr | None, Field(validation_alias=_env("MQTT_PASSWORD"))] = None
     mqtt_ca_file: Annotated[
@@ -201,6 +205,6 @@ def load_settings(**overrides: object) -> Settings:
         name = _ENV_NAMES.get(field, field)
         raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')}") from None
     ca = settings.ca_file()
-    if settings.mqtt_ca_file is not None and ca is not None and not os.access(ca, os.R_OK):
+    if ca is not None and not (ca.is_file() and os.access(ca, os.R_OK)):
         raise ConfigError(f"INSERTCOIN_MQTT_CA_FILE: cannot read {ca}")
     return settings

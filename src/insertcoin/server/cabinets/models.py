@@ -1,13 +1,13 @@
 """Cabinet shapes of the operator API and `cabinet add --json` (PROTOCOL.md sections 4, 6)."""
 
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from insertcoin.protocol.ids import MACHINE_ID_PATTERN
+from insertcoin.protocol.ids import MACHINE_ID_PATTERN, TEXT_PATTERN
 from insertcoin.protocol.messages import Price
 
 # Stripe's zero-decimal currencies: amounts are whole units, not cents.
@@ -36,22 +36,27 @@ MAX_PRICE_AMOUNT = 99_999_999  # Stripe's own ceiling for one amount
 
 def amount_from_decimal(price: str, currency: str) -> int:
     """'1.00' usd → 100; '500' jpy → 500. Raises ValueError with a reason."""
+    invalid = ValueError(f"price {price!r} is not a valid {currency.upper()} amount (e.g. 1.00)")
     try:
         value = Decimal(price)
-    except InvalidOperation:
-        raise ValueError(f"price {price!r} is not a number (e.g. 1.00)") from None
-    exponent = 0 if currency.lower() in _ZERO_DECIMAL else 2
-    amount = value.scaleb(exponent)
-    if amount != amount.to_integral_value() or amount < 0:
-        raise ValueError(f"price {price!r} is not a valid {currency.upper()} amount")
+        if not value.is_finite():
+            raise invalid
+        amount = value.scaleb(0 if currency.lower() in _ZERO_DECIMAL else 2)
+        if amount != amount.to_integral_value() or not 0 <= amount <= MAX_PRICE_AMOUNT:
+            raise invalid
+    except ArithmeticError:  # not a number at all, or too large to scale
+        raise invalid from None
     return int(amount)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # strict: `"creditsPerPurchase": "2"` or `"enabled": 0` is a mistake, not a value.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True
+    )
 
 
-CabinetName = Annotated[str, Field(min_length=1, max_length=200)]
+CabinetName = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 CreditsPerPurchase = Annotated[int, Field(ge=1, le=100)]
 
 

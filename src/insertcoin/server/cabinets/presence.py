@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, or_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.messages import Status
@@ -14,10 +14,14 @@ log = structlog.get_logger(__name__)
 
 
 def apply_status(conn: Connection, status: Status, now: datetime) -> None:
-    """Upsert presence; an online status older than the one on record is stale and ignored.
+    """Upsert presence.
 
-    Every server process may apply the same status (it is idempotent), so this is an
-    upsert rather than insert-or-update in two steps.
+    `reported_at` is only ever the cabinet's own clock, so statuses are ordered against
+    each other and never against the server's clock (a Raspberry Pi without a clock
+    battery can be minutes off). An online status not newer than the one on record is
+    stale (a retained copy seen again) and ignored. A Will carries no timestamp: it
+    marks the cabinet offline and keeps the last known state, credits and time.
+    Every server process may apply the same status, hence an upsert.
     """
     values: dict[str, Any] = {
         "machine_id": status.machine_id,
@@ -25,20 +29,17 @@ def apply_status(conn: Connection, status: Status, now: datetime) -> None:
         "state": status.state,
         "credits": status.credits,
         "agent_version": status.agent_version,
-        "reported_at": status.timestamp or now,
+        "reported_at": status.timestamp,
         "last_seen": now,
     }
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(presence).values(**values)
-    changed = {k: stmt.excluded[k] for k in values if k != "machine_id"}
+    changed = {k: stmt.excluded[k] for k in values if k != "machine_id" and values[k] is not None}
+    where = None
     if status.online:
-        # Keep the previous state/credits when a Will (offline, no details) arrives.
-        where = presence.c.reported_at <= stmt.excluded.reported_at
-    else:
-        for key in ("state", "credits", "agent_version"):
-            if values[key] is None:
-                changed.pop(key)
-        where = None
+        where = or_(
+            presence.c.reported_at.is_(None), presence.c.reported_at < stmt.excluded.reported_at
+        )
     conn.execute(
         stmt.on_conflict_do_update(index_elements=["machine_id"], set_=changed, where=where)
     )

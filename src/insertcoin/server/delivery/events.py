@@ -59,6 +59,10 @@ class CabinetEvents:
         self._metrics = metrics
         self._on_settled = on_settled
 
+    def check(self) -> None:
+        """Raise if the database does not answer."""
+        self._db.check()
+
     def handle(self, batch: list[CabinetMessage]) -> list[grants.AckOutcome]:
         """Apply a batch in one transaction; unknown cabinets are logged and ignored."""
         now = utc_now()

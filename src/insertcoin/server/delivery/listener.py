@@ -1,9 +1,10 @@
 """Feeds MQTT messages from cabinets to `CabinetEvents` in batches, off the network thread.
 
 Bad messages are logged and dropped here, never reaching the database. A batch that
-fails (database away) is retried a few times, then dropped: a lost ack heals because the
-dispatcher re-sends the grant and the cabinet re-acks it; a lost status is superseded by
-the next one.
+fails is retried message by message, so one message the database refuses cannot take
+the others down with it; while the database is away, each is retried a few times and
+then dropped. A lost ack heals because the dispatcher re-sends the grant and the
+cabinet re-acks it; a lost status is superseded by the next one.
 """
 
 import queue
@@ -59,16 +60,42 @@ class Listener:
                     stopping = True
                     break
                 batch.append(item)
-            self._handle(batch)
+            self.process(batch)
             if stopping:
                 return
 
-    def _handle(self, batch: list[CabinetMessage]) -> None:
+    def process(self, batch: list[CabinetMessage]) -> None:
+        """Apply a batch; on failure, each message on its own."""
+        try:
+            self._events.handle(batch)
+            return
+        except Exception:
+            if len(batch) > 1:
+                log.warning("listener_batch_failed", size=len(batch), exc_info=True)
+        for message in batch:
+            self._handle_one(message)
+
+    def _handle_one(self, message: CabinetMessage) -> None:
         for attempt in range(1, _TRIES + 1):
             try:
-                self._events.handle(batch)
+                self._events.handle([message])
                 return
             except Exception:
-                log.exception("listener_batch_failed", size=len(batch), attempt=attempt)
+                log.exception(
+                    "listener_message_failed", machineId=message.machine_id, attempt=attempt
+                )
+                if not self._database_is_away():
+                    break  # the message itself is at fault: retrying cannot help
                 time.sleep(min(attempt, 3))
-        log.error("listener_batch_dropped", size=len(batch))
+        log.error(
+            "listener_message_dropped",
+            machineId=message.machine_id,
+            kind=type(message.message).__name__,
+        )
+
+    def _database_is_away(self) -> bool:
+        try:
+            self._events.check()
+        except Exception:
+            return True
+        return False

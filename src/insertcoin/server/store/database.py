@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy import Connection, create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from insertcoin.server.errors import ConfigError
 
@@ -90,13 +90,17 @@ class Database:
 def open_database(url: str, *, variable: str = "INSERTCOIN_DATABASE_URL") -> Database:
     """Open and check the database; an unreachable one is a ConfigError naming the variable."""
     try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise ConfigError(f"{variable}: cannot parse the database URL") from None
+    try:
         db = Database(url)
         db.check()
     except (OperationalError, DBAPIError) as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise ConfigError(f"{variable}: cannot open {url!r}: {reason}") from None
-    except Exception as exc:  # a URL SQLAlchemy cannot parse, an unknown driver
-        raise ConfigError(f"{variable}: cannot open {url!r}: {exc}") from None
+        raise ConfigError(f"{variable}: cannot open {shown}: {reason}") from None
+    except Exception as exc:  # an unknown driver, a file that is not SQLite...
+        raise ConfigError(f"{variable}: cannot open {shown}: {exc}") from None
     return db
 
 

@@ -2,9 +2,10 @@
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from insertcoin.protocol.ids import CREDIT_ID_PATTERN, MACHINE_ID_PATTERN
 from insertcoin.server.errors import Unauthorized
 from insertcoin.server.runtime import Runtime
 
@@ -17,6 +18,8 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+MachineIdPath = Annotated[str, Path(pattern=MACHINE_ID_PATTERN)]
+CreditIdPath = Annotated[str, Path(pattern=CREDIT_ID_PATTERN)]
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

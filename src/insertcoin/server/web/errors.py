@@ -28,7 +28,11 @@ def install(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """Refuse bodies over MAX_BODY_BYTES with 413 before any route reads them."""
+    """Refuse bodies over MAX_BODY_BYTES with 413 before any route sees them.
+
+    A declared Content-Length is checked up front; a chunked body is read here, up to
+    the limit, and handed on whole, so the route never starts on an oversized one.
+    """
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -38,35 +42,46 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await self._refuse(scope, send)
                 return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-    async def _refuse(self, send: Send) -> None:
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
         response = JSONResponse(
             {"detail": f"request body exceeds {self.limit} bytes"}, status_code=413
         )
-        await response({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await response(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:

@@ -6,10 +6,11 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from insertcoin.protocol.ids import TEXT_PATTERN
 from insertcoin.protocol.messages import MAX_CREDITS_PER_GRANT
 from insertcoin.server.cabinets.models import Cabinet, CabinetCreate, CabinetPatch, NewCabinet
 from insertcoin.server.delivery import grants
-from insertcoin.server.web.deps import AdminDep, RuntimeDep
+from insertcoin.server.web.deps import AdminDep, CreditIdPath, MachineIdPath, RuntimeDep
 
 router = APIRouter(prefix="/api", tags=["operator"], dependencies=[AdminDep])
 
@@ -18,7 +19,7 @@ class CompCredits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     credits: Annotated[int, Field(ge=1, le=MAX_CREDITS_PER_GRANT, strict=True)]
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=TEXT_PATTERN)]
 
 
 class GrantCreated(BaseModel):
@@ -44,12 +45,12 @@ def list_cabinets(runtime: RuntimeDep) -> list[Cabinet]:
 
 
 @router.get("/cabinets/{machine_id}", response_model=Cabinet, response_model_by_alias=True)
-def get_cabinet(machine_id: str, runtime: RuntimeDep) -> Cabinet:
+def get_cabinet(machine_id: MachineIdPath, runtime: RuntimeDep) -> Cabinet:
     return runtime.registry.get(machine_id)
 
 
 @router.patch("/cabinets/{machine_id}", response_model=Cabinet, response_model_by_alias=True)
-def patch_cabinet(machine_id: str, patch: CabinetPatch, runtime: RuntimeDep) -> Cabinet:
+def patch_cabinet(machine_id: MachineIdPath, patch: CabinetPatch, runtime: RuntimeDep) -> Cabinet:
     cabinet = runtime.registry.update(machine_id, patch)
     runtime.dispatcher.wake()
     return cabinet
@@ -57,7 +58,7 @@ def patch_cabinet(machine_id: str, patch: CabinetPatch, runtime: RuntimeDep) -> 
 
 @router.post("/cabinets/{machine_id}/credits", status_code=201, response_model_by_alias=True)
 def comp_credits(
-    machine_id: str, body: CompCredits, runtime: RuntimeDep, response: Response
+    machine_id: MachineIdPath, body: CompCredits, runtime: RuntimeDep, response: Response
 ) -> GrantCreated:
     pulse = runtime.delivery.comp(machine_id, body.credits, body.reason)
     response.headers["Location"] = f"/api/grants/{pulse.credit_id}"
@@ -71,6 +72,6 @@ def comp_credits(
 
 
 @router.get("/grants/{credit_id}")
-def get_grant(credit_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def get_grant(credit_id: CreditIdPath, runtime: RuntimeDep) -> dict[str, Any]:
     with runtime.db.read() as conn:
         return grants.get(conn, credit_id)
