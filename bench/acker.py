@@ -31,9 +31,11 @@ def _timestamp(now: float) -> str:
 
 
 class Acker:
-    def __init__(self, broker_url: str, prefix: str) -> None:
+    def __init__(self, broker_url: str, prefix: str, *, watch_acks: bool = False) -> None:
         self.prefix = prefix
+        self.watch_acks = watch_acks
         self.received: list[tuple[str, float]] = []
+        self.acks_seen: list[tuple[str, float]] = []
         self.malformed = 0
         self.ready = threading.Event()
         target = parse_mqtt_url(broker_url)
@@ -61,13 +63,19 @@ class Acker:
         self.client.loop_stop()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(f"{self.prefix}/+/coinpulse", qos=1)
+        topics = [(f"{self.prefix}/+/coinpulse", 1)]
+        if self.watch_acks:  # diagnostics: when did each ack come back out of the broker?
+            topics.append((f"{self.prefix}/+/ack", 0))
+        client.subscribe(topics)
 
     def _on_subscribe(self, *_: Any) -> None:
         self.ready.set()
 
     def _on_message(self, client: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         now = time.time()
+        if message.topic.endswith("/ack"):
+            self.acks_seen.append((orjson.loads(message.payload)["creditId"], now))
+            return
         try:
             pulse = orjson.loads(message.payload)
             credit_id, machine_id = pulse["creditId"], pulse["machineId"]
@@ -89,8 +97,9 @@ def main() -> None:
     parser.add_argument("broker_url")
     parser.add_argument("prefix")
     parser.add_argument("records")
+    parser.add_argument("--watch-acks", action="store_true", help="also record acks seen")
     args = parser.parse_args()
-    acker = Acker(args.broker_url, args.prefix)
+    acker = Acker(args.broker_url, args.prefix, watch_acks=args.watch_acks)
     acker.start()
     if not acker.ready.wait(10):
         sys.exit("acker: not subscribed after 10 s")
@@ -103,6 +112,7 @@ def main() -> None:
             orjson.dumps(
                 {
                     "received": acker.received,
+                    "acks_seen": acker.acks_seen,
                     "malformed": acker.malformed,
                     "cpu_seconds": times.user + times.system,
                 }

@@ -297,7 +297,9 @@ def run_database(
         acker: AckerProcess | None = None
         try:
             _register_cabinets(server)
-            acker = AckerProcess(broker.url, PREFIX, workdir, env=acker_env)
+            acker = AckerProcess(
+                broker.url, PREFIX, workdir, env=acker_env, watch_acks=args.watch_acks
+            )
             warm = _grants(server, concurrency=1, count=30)
             warm += _grants(server, concurrency=CABINETS, count=300)
             _drain(db, 30)
@@ -368,6 +370,14 @@ def run_database(
         sustained, received, receptions, facts, load_end, pending_at_end, drained, still_pending
     )
     result["sustained"]["cpu"] = usage
+    if args.watch_acks:
+        seen = dict(reversed(records.get("acks_seen", [])))  # first sighting wins
+        result["sustained"]["grant_to_ack_seen_at_broker_ms"] = latency_ms(
+            seen[c.credit_id] - c.start for c in sustained if c.credit_id in seen
+        )
+        result["serial"]["grant_to_ack_seen_at_broker_ms"] = latency_ms(
+            seen[c.credit_id] - c.start for c in serial if c.credit_id in seen
+        )
     known = {c.credit_id for c in [*warm, *serial, *sustained] if c.credit_id}
     result["orphans"] = sum(1 for cid in facts if cid not in known)
     result["summary"] = _summary(result, client["per_second"])
@@ -532,6 +542,10 @@ _ROWS: list[tuple[str, Any]] = [
     (f"{C} API call p50/p99 (ms)", lambda r: _pair(r, "sustained:api_call_ms")),
     (f"{C} grant->coinpulse p50/p99 (ms)", lambda r: _pair(r, "sustained:grant_to_coinpulse_ms")),
     (f"{C} grant->applied p50/p99 (ms)", lambda r: _pair(r, "sustained:grant_to_applied_ms")),
+    (
+        f"{C} grant->ack seen at broker p50/p99 (ms)",
+        lambda r: _pair(r, "sustained:grant_to_ack_seen_at_broker_ms"),
+    ),
     *[
         (f"  cores used: {proc}", f"sustained:cpu:cores_used:{proc}")
         for proc in ("server", "mosquitto", "acker", "client", "postgresql_backends")
@@ -563,14 +577,16 @@ _ROWS: list[tuple[str, Any]] = [
 def _print_report(report: dict[str, Any]) -> None:
     ceiling = report["client_ceiling"]
     print(
-        f"\nLoad generator ceiling (aiohttp+uvloop, {C}, POST to a bare ASGI app "
+        f"\nLoad generator ceiling (aiohttp+uvloop, c={CABINETS}, POST to a bare ASGI app "
         f"under uvicorn): {fmt(ceiling['per_second'], 0)} req/s "
         f"(client {ceiling['cpu']['cores_used']['client']} cores, "
         f"echo server {ceiling['cpu']['cores_used']['echo_server']} cores)"
     )
     runs = report["runs"]
     rows: list[list[Any]] = []
-    for label, how in _ROWS:
+    sustained = f"c={report['settings']['concurrency']}"
+    for template, how in _ROWS:
+        label = template.replace("c=N", sustained)
         values = []
         for run in runs.values():
             try:
@@ -596,6 +612,12 @@ def main() -> None:
         "--profile", type=Path, help="py-spy the server during the sustained phase into DIR"
     )
     parser.add_argument("--gil", action="store_true", help="with --profile: GIL holder only")
+    parser.add_argument(
+        "--watch-acks",
+        action="store_true",
+        help="diagnostics: the acker also subscribes to acks and records when each one "
+        "comes back out of the broker (adds load to the acker and the broker)",
+    )
     parser.add_argument(
         "--server-env",
         action="append",

@@ -363,11 +363,18 @@ class AckerProcess:
     """`python -m bench.acker` as a child; stop() returns what it recorded."""
 
     def __init__(
-        self, broker_url: str, prefix: str, workdir: Path, env: dict[str, str] | None = None
+        self,
+        broker_url: str,
+        prefix: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        watch_acks: bool = False,
     ) -> None:
         self.records = workdir / f"acker-{uuid.uuid4().hex[:6]}.json"
+        command = [sys.executable, "-m", "bench.acker", broker_url, prefix, str(self.records)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.acker", broker_url, prefix, str(self.records)],
+            [*command, "--watch-acks"] if watch_acks else command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parent.parent,

@@ -144,11 +144,26 @@ def _importtime_top(stderr: str, top: int = 15) -> dict[str, Any]:
             {"module": name, "cumulative_ms": round(cum / 1000, 1), "self_ms": round(own / 1000, 1)}
             for name, own, cum, _ in ranked
         ],
+        # Every module's own time, added up per top-level package: where the total goes.
+        "by_package_self_ms": {
+            package: round(us / 1000, 1)
+            for package, us in sorted(
+                _by_package(rows).items(), key=lambda item: item[1], reverse=True
+            )[:top]
+        },
         "top_self": [
             {"module": name, "self_ms": round(own / 1000, 1)}
             for name, own, _, _ in sorted(rows, key=lambda r: r[1], reverse=True)[:top]
         ],
     }
+
+
+def _by_package(rows: list[tuple[str, int, int, int]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for name, own, _, _ in rows:
+        package = name.split(".")[0]
+        totals[package] = totals.get(package, 0) + own
+    return totals
 
 
 def measure(runs: int, workdir: Path, broker_url: str, cache: Path | None) -> dict[str, Any]:
@@ -258,6 +273,10 @@ def _print(report: dict[str, Any]) -> None:
                 ["module", "cumulative ms", "self ms"],
                 [[r["module"], r["cumulative_ms"], r["self_ms"]] for r in data["top_cumulative"]],
             )
+        )
+        print(
+            "own import time per top-level package (ms): "
+            + ", ".join(f"{name} {ms}" for name, ms in data["by_package_self_ms"].items())
         )
 
 

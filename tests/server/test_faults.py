@@ -10,7 +10,6 @@ prints a one-line summary of its counts, shown in CI logs even when the test pas
 
 import json
 import os
-import pwd
 import random
 import re
 import threading
@@ -68,19 +67,13 @@ def _engine(db_url: str) -> Engine:
     return create_engine(db_url, poolclass=NullPool)
 
 
-# Started as root, Mosquitto switches to its own user, who cannot write into pytest's
-# private temporary directories: persistence would silently fail ("Error saving
-# in-memory database") and a kill without wipe would lose as much as a wipe.
-_KEEP_USER = f"user {pwd.getpwuid(os.geteuid()).pw_name}\nallow_anonymous true\n"
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A Mosquitto of this test's own, on its own port, that the test may kill, with
     working persistence (sessions and queued messages survive a restart)."""
     workdir = tmp_path / "mosquitto"
     workdir.mkdir()
-    with mosquitto(workdir, _KEEP_USER) as running:
+    with mosquitto(workdir) as running:
         yield running
 
 
@@ -326,7 +319,12 @@ def _tally(ledger: Ledger, cabinet: FakeCabinets, issued: dict[int, str]) -> Tal
         received = Counter(cabinet.received)
     rows = ledger.rows
     applied = {cid for cid, row in rows.items() if row.state == grant_outbox.APPLIED}
-    expired = {cid for cid, row in rows.items() if row.state == grant_outbox.EXPIRED}
+    # Not applied, and final: given up on, or refused by the cabinet once past expiresAt.
+    expired = {
+        cid
+        for cid, row in rows.items()
+        if row.state in (grant_outbox.EXPIRED, grant_outbox.REJECTED)
+    }
     applications = {
         cid: ledger.events[cid]["applied"] + ledger.events[cid]["applied_late"] for cid in db_ids
     }
@@ -344,7 +342,7 @@ def _tally(ledger: Ledger, cabinet: FakeCabinets, issued: dict[int, str]) -> Tal
         "in the database, asked for by no request": {
             cid for cid in orphans if not rows[cid].reason.startswith("fault-test #")
         },
-        "neither applied nor expired": db_ids - applied - expired,
+        "neither applied nor expired/rejected": db_ids - applied - expired,
         "still scheduled in the outbox": {
             cid for cid, row in rows.items() if row.next_attempt_at is not None
         },
@@ -545,7 +543,7 @@ def logged_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A Mosquitto that logs every PUBLISH it receives and sends, with client ids."""
     workdir = tmp_path / "mosquitto"
     workdir.mkdir()
-    with mosquitto(workdir, _KEEP_USER + "log_type all\n") as running:
+    with mosquitto(workdir, "allow_anonymous true\nlog_type all\n") as running:
         yield running
 
 

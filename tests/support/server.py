@@ -25,6 +25,7 @@ FAST = {
     "INSERTCOIN_RETRY_INITIAL_SECONDS": "0.3",
     "INSERTCOIN_RETRY_MAX_SECONDS": "1",
     "INSERTCOIN_DISPATCH_INTERVAL_SECONDS": "0.1",
+    "INSERTCOIN_CREDIT_GRACE_SECONDS": "0.5",
 }
 
 
@@ -37,6 +38,7 @@ def make_settings(db_url: str, broker_url: str, prefix: str, **overrides: Any) -
         "retry_initial_seconds": 0.3,
         "retry_max_seconds": 1.0,
         "dispatch_interval_seconds": 0.1,
+        "credit_grace_seconds": 0.5,
     }
     values.update(overrides)
     return load_settings(**values)

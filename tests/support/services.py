@@ -6,6 +6,7 @@ service into a failure.
 """
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -87,7 +88,10 @@ class Mosquitto:
     def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
+        # Started as root, Mosquitto would switch to its own user, who cannot enter
+        # pytest's private temporary directories: persistence would silently fail.
         conf.write_text(
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             f"listener {self.port} 127.0.0.1\n"
             f"persistence true\npersistence_location {self.data}/\n"
             "autosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 0\n"

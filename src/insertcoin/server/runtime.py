@@ -11,7 +11,7 @@ from insertcoin.server.delivery.embedded_broker import EmbeddedBroker, is_listen
 from insertcoin.server.delivery.events import CabinetEvents
 from insertcoin.server.delivery.listener import Listener
 from insertcoin.server.delivery.mqtt import MqttLink
-from insertcoin.server.delivery.service import DeliveryService
+from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
 from insertcoin.server.settings import (
     DEFAULT_MQTT_HOST,
@@ -53,7 +53,7 @@ class Runtime:
             self.db,
             self.link,
             self.topics,
-            backoff=DeliveryService.backoff_of(settings),
+            schedule=schedule_of(settings),
             interval=settings.dispatch_interval_seconds,
             config_of=self.registry.config_message,
         )

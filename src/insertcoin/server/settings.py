@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     credit_ttl_seconds: Annotated[
         float, Field(gt=0, validation_alias=_env("INSERTCOIN_CREDIT_TTL_SECONDS"))
     ] = 120.0
+    credit_grace_seconds: Annotated[
+        float, Field(ge=0, validation_alias=_env("INSERTCOIN_CREDIT_GRACE_SECONDS"))
+    ] = 15.0
     retry_initial_seconds: Annotated[
         float, Field(gt=0, validation_alias=_env("INSERTCOIN_RETRY_INITIAL_SECONDS"))
     ] = 2.0

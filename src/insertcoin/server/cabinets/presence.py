@@ -3,14 +3,11 @@
 from datetime import datetime
 from typing import Any
 
-import structlog
 from sqlalchemy import Connection, or_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.messages import Status
 from insertcoin.server.store.tables import presence
-
-log = structlog.get_logger(__name__)
 
 
 def apply_status(conn: Connection, status: Status, now: datetime) -> None:
@@ -42,11 +39,4 @@ def apply_status(conn: Connection, status: Status, now: datetime) -> None:
         )
     conn.execute(
         stmt.on_conflict_do_update(index_elements=["machine_id"], set_=changed, where=where)
-    )
-    log.info(
-        "cabinet_status",
-        machineId=status.machine_id,
-        online=status.online,
-        state=status.state,
-        credits=status.credits,
     )

@@ -21,7 +21,8 @@ from insertcoin.server.store.tables import cabinets
 
 log = structlog.get_logger(__name__)
 
-_BATCH = 500
+# Small enough that one claim commits quickly (a crash rolls back at most this much).
+_BATCH = 100
 
 
 class Dispatcher:
@@ -31,14 +32,14 @@ class Dispatcher:
         link: MqttLink,
         topics: Topics,
         *,
-        backoff: grants.Backoff,
+        schedule: grants.Schedule,
         interval: float,
         config_of: Callable[..., CabinetConfig],
     ) -> None:
         self._db = db
         self._link = link
         self._topics = topics
-        self._backoff = backoff
+        self._schedule = schedule
         self._interval = interval
         self._config_of = config_of
         self._wake = threading.Event()
@@ -87,11 +88,13 @@ class Dispatcher:
                 conn.execute(update(cabinets).values(config_published_version=0))
         while True:
             with self._db.write() as conn:
-                pulses = grants.claim_due(conn, utc_now(), self._backoff, _BATCH)
-            for pulse in pulses:
+                claim = grants.claim_due(conn, utc_now(), self._schedule, _BATCH)
+            for machine_id, credit_id in claim.expired:
+                log.info("grant_expired", machineId=machine_id, creditId=credit_id)
+            for pulse in claim.pulses:
                 self.send(pulse)
-            sent += len(pulses)
-            if len(pulses) < _BATCH:
+            sent += len(claim.pulses)
+            if len(claim.pulses) + len(claim.expired) < _BATCH:
                 break
         while True:
             with self._db.write() as conn:

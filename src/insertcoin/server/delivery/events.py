@@ -3,6 +3,7 @@ MQTT listener, `POST /gameover`, and later an HTTP bridge fed by a broker rule."
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from sqlalchemy import insert, select
@@ -64,8 +65,10 @@ class CabinetEvents:
         self._db.check()
 
     def handle(self, batch: list[CabinetMessage]) -> list[grants.AckOutcome]:
-        """Apply a batch in one transaction; unknown cabinets are logged and ignored."""
+        """Apply a batch in one transaction, then log what it changed (only once
+        committed). Messages from unknown cabinets are logged and ignored."""
         now = utc_now()
+        logs: list[tuple[str, dict[str, Any]]] = []
         with self._db.write() as conn:
             ids = sorted({m.machine_id for m in batch})
             known = set(
@@ -75,18 +78,24 @@ class CabinetEvents:
             )
             acks: list[tuple[str, Ack]] = []
             for item in batch:
-                message = item.message
+                message, fields = item.message, {"machineId": item.machine_id, "via": item.via}
                 if item.machine_id not in known:
-                    log.warning(
-                        "message_ignored",
-                        machineId=item.machine_id,
-                        reason="unknown cabinet",
-                        via=item.via,
-                    )
+                    logs.append(("message_ignored", {**fields, "reason": "unknown cabinet"}))
                 elif isinstance(message, Ack):
                     acks.append((item.machine_id, message))
                 elif isinstance(message, Status):
                     apply_status(conn, message, now)
+                    logs.append(
+                        (
+                            "cabinet_status",
+                            {
+                                **fields,
+                                "online": message.online,
+                                "state": message.state,
+                                "credits": message.credits,
+                            },
+                        )
+                    )
                 else:
                     conn.execute(
                         insert(gameovers).values(
@@ -97,17 +106,27 @@ class CabinetEvents:
                             received_at=now,
                         )
                     )
-                    log.info(
-                        "game_over",
-                        machineId=item.machine_id,
-                        via=item.via,
-                        creditsLeft=message.credits_left,
-                    )
+                    logs.append(("game_over", {**fields, "creditsLeft": message.credits_left}))
             outcomes = grants.apply_acks(conn, acks, now) if acks else []
+        for event, fields in logs:
+            log.info(event, **fields)
         for outcome in outcomes:
-            if outcome.created_at is not None and outcome.event == grants.APPLIED:
+            self._log_outcome(outcome)
+            if outcome.event == grants.APPLIED and outcome.created_at is not None:
                 self._metrics.delivery_seconds.observe((now - outcome.created_at).total_seconds())
         settled = [o for o in outcomes if o.created_at is not None]
         if settled:
             self._on_settled(settled)
         return outcomes
+
+    @staticmethod
+    def _log_outcome(outcome: grants.AckOutcome) -> None:
+        fields = {"machineId": outcome.machine_id, "creditId": outcome.credit_id}
+        if outcome.event == "duplicate":
+            log.debug("ack_duplicate", **fields)
+        elif outcome.event == "ignored":
+            log.warning("ack_ignored", **fields, reason=outcome.reason)
+        elif outcome.event == "applied_late":
+            log.warning("grant_applied_late", **fields)
+        else:
+            log.info(f"grant_{outcome.event}", **fields, reason=outcome.reason)

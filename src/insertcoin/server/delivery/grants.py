@@ -2,46 +2,74 @@
 
 pending → applied | rejected | expired. A grant is created inside the caller's
 transaction (a comp grant here; a purchase later), so the grant exists exactly when the
-thing that owes it does. Every change writes a history entry.
+thing that owes it does. Every change writes a history entry. Batches are settled with
+a fixed handful of statements, not a few per grant: on PostgreSQL every statement is a
+round trip, and a slow batch is one a crash can roll back.
+
+Functions here never log: the caller logs what they return once it has committed, so
+the log never tells of a change that was rolled back.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import structlog
-from sqlalchemy import Connection, RowMapping, insert, select, update
+from sqlalchemy import Connection, RowMapping, bindparam, insert, select, update
 
 from insertcoin.protocol.ids import new_credit_id
 from insertcoin.protocol.messages import Ack, CoinPulse
 from insertcoin.server.errors import Invalid, NotFound
 from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, grants
-
-log = structlog.get_logger(__name__)
+from insertcoin.server.store.tables import history as history_table
 
 PENDING, APPLIED, REJECTED, EXPIRED = "pending", "applied", "rejected", "expired"
 
 
 @dataclass(frozen=True)
-class Backoff:
+class Schedule:
+    """When a grant is sent, re-sent, and given up on.
+
+    Re-sends back off from `initial` doubling to `maximum` until `expiresAt`. Past it,
+    the grant is sent a little longer (every `initial`, for `grace`): a cabinet that
+    applied it re-acks it, which heals an ack lost just before expiry; one that did not
+    rejects it. Only then is it marked expired.
+    """
+
+    ttl: timedelta
     initial: float
     maximum: float
+    grace: timedelta
 
-    def delay(self, attempt: int) -> timedelta:
-        """Wait before re-sending after `attempt` sends (1-based)."""
-        return timedelta(seconds=min(self.initial * 2 ** (attempt - 1), self.maximum))
+    def delay(self, attempts: int) -> timedelta:
+        return timedelta(seconds=min(self.initial * 2 ** (attempts - 1), self.maximum))
+
+    def next_attempt(self, now: datetime, attempts: int, expires_at: datetime) -> datetime:
+        if now < expires_at:
+            return min(now + self.delay(attempts), expires_at)
+        return min(now + timedelta(seconds=self.initial), expires_at + self.grace)
+
+    def is_over(self, now: datetime, expires_at: datetime) -> bool:
+        return now >= expires_at + self.grace
 
 
 @dataclass(frozen=True)
 class AckOutcome:
     credit_id: str
     machine_id: str
-    event: str  # "applied", "rejected", "duplicate", "applied_late", "ignored"
-    created_at: datetime | None = None
+    event: str  # "applied", "rejected", "applied_late", "duplicate", "ignored"
+    reason: str | None = None
+    created_at: datetime | None = None  # set when the ack settled the grant
 
 
-def pulse_of(row: RowMapping, now: datetime) -> CoinPulse:
+@dataclass(frozen=True)
+class Claim:
+    pulses: list[CoinPulse]  # to publish now
+    expired: list[tuple[str, str]]  # (machineId, creditId) given up on
+
+
+def _pulse(row: RowMapping, now: datetime) -> CoinPulse:
     return CoinPulse(
         machine_id=row["machine_id"],
         credits=row["credits"],
@@ -51,26 +79,23 @@ def pulse_of(row: RowMapping, now: datetime) -> CoinPulse:
     )
 
 
-def _record(
-    conn: Connection,
-    row: RowMapping,
-    *,
+def _history_row(
+    row: Mapping[str, Any] | RowMapping,
     event: str,
     to: str | None,
     now: datetime,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    history.record(
-        conn,
-        subject="grant",
-        subject_id=row["credit_id"],
-        machine_id=row["machine_id"],
-        event=event,
-        from_state=row["state"],
-        to_state=to,
-        at=now,
-        detail=detail,
-    )
+    detail: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "subject": "grant",
+        "subject_id": row["credit_id"],
+        "machine_id": row["machine_id"],
+        "event": event,
+        "from_state": row["state"],
+        "to_state": to,
+        "detail": detail,
+        "at": now,
+    }
 
 
 def create(
@@ -81,8 +106,7 @@ def create(
     source: str,
     reason: str | None,
     now: datetime,
-    ttl: timedelta,
-    backoff: Backoff,
+    schedule: Schedule,
 ) -> CoinPulse:
     """Insert a pending grant, counted as sent once: the caller publishes it after commit,
     and if that never happens the dispatcher re-sends it after the first backoff."""
@@ -94,7 +118,7 @@ def create(
     if not cabinet.enabled:
         raise Invalid(f"cabinet {machine_id!r} is disabled")
     credit_id = new_credit_id()
-    expires_at = now + ttl
+    expires_at = now + schedule.ttl
     conn.execute(
         insert(grants).values(
             credit_id=credit_id,
@@ -106,7 +130,7 @@ def create(
             created_at=now,
             expires_at=expires_at,
             attempts=1,
-            next_attempt_at=min(now + backoff.delay(1), expires_at),
+            next_attempt_at=schedule.next_attempt(now, 1, expires_at),
             last_published_at=now,
         )
     )
@@ -120,9 +144,6 @@ def create(
         at=now,
         detail={"credits": credits, "source": source, "reason": reason},
     )
-    log.info(
-        "grant_created", machineId=machine_id, creditId=credit_id, credits=credits, source=source
-    )
     return CoinPulse(
         machine_id=machine_id,
         credits=credits,
@@ -132,8 +153,19 @@ def create(
     )
 
 
-def claim_due(conn: Connection, now: datetime, backoff: Backoff, limit: int) -> list[CoinPulse]:
-    """Expire overdue grants and return the ones to (re-)send now, rescheduled.
+_RESCHEDULE = (
+    update(grants)
+    .where(grants.c.credit_id == bindparam("b_credit_id"))
+    .values(
+        attempts=bindparam("b_attempts"),
+        last_published_at=bindparam("b_now"),
+        next_attempt_at=bindparam("b_next"),
+    )
+)
+
+
+def claim_due(conn: Connection, now: datetime, schedule: Schedule, limit: int) -> Claim:
+    """Expire grants past their grace and return the ones to (re-)send now, rescheduled.
 
     Rows are locked with SKIP LOCKED on PostgreSQL, and moved past `now` before commit,
     so with several server processes no grant is handled by two at once.
@@ -149,53 +181,65 @@ def claim_due(conn: Connection, now: datetime, backoff: Backoff, limit: int) -> 
         .mappings()
         .all()
     )
-    pulses: list[CoinPulse] = []
-    for row in rows:
-        if row["expires_at"] <= now:
-            conn.execute(
-                update(grants)
-                .where(grants.c.credit_id == row["credit_id"], grants.c.state == PENDING)
-                .values(
-                    state=EXPIRED,
-                    next_attempt_at=None,
-                    settled_at=now,
-                    settle_reason="no ack before expiresAt",
-                )
-            )
-            _record(
-                conn,
-                row,
-                event="expired",
-                to=EXPIRED,
-                now=now,
-                detail={"attempts": row["attempts"]},
-            )
-            log.info(
-                "grant_expired",
-                machineId=row["machine_id"],
-                creditId=row["credit_id"],
-                attempts=row["attempts"],
-            )
-            continue
-        attempts = row["attempts"] + 1
+    over = [row for row in rows if schedule.is_over(now, row["expires_at"])]
+    due = [row for row in rows if not schedule.is_over(now, row["expires_at"])]
+    if over:
         conn.execute(
             update(grants)
-            .where(grants.c.credit_id == row["credit_id"])
+            .where(grants.c.credit_id.in_([r["credit_id"] for r in over]))
+            .where(grants.c.state == PENDING)
             .values(
-                attempts=attempts,
-                last_published_at=now,
-                next_attempt_at=min(now + backoff.delay(attempts), row["expires_at"]),
+                state=EXPIRED,
+                next_attempt_at=None,
+                settled_at=now,
+                settle_reason="no ack before expiresAt",
             )
         )
-        pulses.append(pulse_of(row, now))
-    return pulses
+        conn.execute(
+            insert(history_table),
+            [_history_row(r, "expired", EXPIRED, now, {"attempts": r["attempts"]}) for r in over],
+        )
+    if due:
+        conn.execute(
+            _RESCHEDULE,
+            [
+                {
+                    "b_credit_id": r["credit_id"],
+                    "b_attempts": r["attempts"] + 1,
+                    "b_now": now,
+                    "b_next": schedule.next_attempt(now, r["attempts"] + 1, r["expires_at"]),
+                }
+                for r in due
+            ],
+        )
+    return Claim(
+        pulses=[_pulse(r, now) for r in due],
+        expired=[(r["machine_id"], r["credit_id"]) for r in over],
+    )
+
+
+_SETTLE = (
+    update(grants)
+    .where(grants.c.credit_id == bindparam("b_credit_id"))
+    .where(grants.c.state == bindparam("b_from"))
+    .values(
+        state=bindparam("b_to"),
+        next_attempt_at=None,
+        settled_at=bindparam("b_now"),
+        settle_reason=bindparam("b_reason"),
+    )
+)
 
 
 def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> list[AckOutcome]:
-    """Settle grants from cabinet acks; `acks` pairs each ack with the cabinet of its topic."""
+    """Settle grants from cabinet acks; `acks` pairs each ack with the cabinet of its topic.
+
+    A cabinet can only settle its own grants. The first ack that settles a grant wins;
+    later ones (in this batch or after) are duplicates or kept on record as ignored.
+    """
     ids = sorted({ack.credit_id for _, ack in acks})
-    rows = {
-        row["credit_id"]: row
+    current: dict[str, dict[str, Any]] = {
+        row["credit_id"]: dict(row)
         for row in conn.execute(
             select(grants)
             .where(grants.c.credit_id.in_(ids))
@@ -203,61 +247,45 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
             .with_for_update()
         ).mappings()
     }
-    outcomes = []
+    settles: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    outcomes: list[AckOutcome] = []
     for machine_id, ack in acks:
-        row = rows.get(ack.credit_id)
+        row = current.get(ack.credit_id)
         if row is None or row["machine_id"] != machine_id:
-            log.warning(
-                "ack_ignored",
-                machineId=machine_id,
-                creditId=ack.credit_id,
-                reason="unknown grant" if row is None else "grant of another cabinet",
-            )
-            outcomes.append(AckOutcome(ack.credit_id, machine_id, "ignored"))
+            reason = "unknown grant" if row is None else "grant of another cabinet"
+            outcomes.append(AckOutcome(ack.credit_id, machine_id, "ignored", reason))
             continue
-        outcome = _settle(conn, row, ack, now)
-        outcomes.append(outcome)
-        if outcome.event in (APPLIED, REJECTED, "applied_late"):
-            # Later acks in the same batch see the new state.
-            rows[ack.credit_id] = (
-                conn.execute(select(grants).where(grants.c.credit_id == ack.credit_id))
-                .mappings()
-                .one()
+        state, result = row["state"], ack.result
+        detail = {"reason": ack.reason} if ack.reason else None
+        if state == PENDING or (state == EXPIRED and result == APPLIED):
+            event = result if state == PENDING else "applied_late"
+            to = APPLIED if result == APPLIED else REJECTED
+            settles.append(
+                {
+                    "b_credit_id": ack.credit_id,
+                    "b_from": state,
+                    "b_to": to,
+                    "b_now": now,
+                    "b_reason": ack.reason,
+                }
             )
+            entries.append(_history_row(row, event, to, now, detail))
+            outcomes.append(
+                AckOutcome(ack.credit_id, machine_id, event, ack.reason, row["created_at"])
+            )
+            row["state"] = to
+        elif state == APPLIED and result == APPLIED:
+            outcomes.append(AckOutcome(ack.credit_id, machine_id, "duplicate"))
+        else:
+            # A rejection after expiry, or an ack contradicting a settled grant.
+            entries.append(_history_row(row, f"ack_{result}_ignored", None, now, detail))
+            outcomes.append(AckOutcome(ack.credit_id, machine_id, "ignored", f"grant is {state}"))
+    if settles:
+        conn.execute(_SETTLE, settles)
+    if entries:
+        conn.execute(insert(history_table), entries)
     return outcomes
-
-
-def _settle(conn: Connection, row: RowMapping, ack: Ack, now: datetime) -> AckOutcome:
-    state, result = row["state"], ack.result
-    ids = {"machineId": row["machine_id"], "creditId": row["credit_id"]}
-    if (state == PENDING) or (state == EXPIRED and result == APPLIED):
-        event = result if state == PENDING else "applied_late"
-        to = APPLIED if result == APPLIED else REJECTED
-        conn.execute(
-            update(grants)
-            .where(grants.c.credit_id == row["credit_id"])
-            .values(state=to, next_attempt_at=None, settled_at=now, settle_reason=ack.reason)
-        )
-        _record(
-            conn,
-            row,
-            event=event,
-            to=to,
-            now=now,
-            detail={"reason": ack.reason} if ack.reason else None,
-        )
-        (log.warning if event == "applied_late" else log.info)(
-            f"grant_{event}", **ids, reason=ack.reason, attempts=row["attempts"]
-        )
-        return AckOutcome(row["credit_id"], row["machine_id"], event, row["created_at"])
-    if state == APPLIED and result == APPLIED:
-        return AckOutcome(row["credit_id"], row["machine_id"], "duplicate")
-    # A rejection after expiry, or an ack contradicting a settled grant: keep it on record.
-    _record(
-        conn, row, event=f"ack_{result}_ignored", to=None, now=now, detail={"reason": ack.reason}
-    )
-    log.info("ack_after_settlement", **ids, state=state, result=result)
-    return AckOutcome(row["credit_id"], row["machine_id"], "ignored")
 
 
 def get(conn: Connection, credit_id: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ if that publish is lost, or if this process dies between the two)."""
 from collections.abc import Callable
 from datetime import timedelta
 
+import structlog
 from sqlalchemy import Connection
 
 from insertcoin.protocol.messages import CoinPulse
@@ -12,17 +13,23 @@ from insertcoin.server.delivery import grants
 from insertcoin.server.settings import Settings
 from insertcoin.server.store.database import Database
 
+log = structlog.get_logger(__name__)
+
+
+def schedule_of(settings: Settings) -> grants.Schedule:
+    return grants.Schedule(
+        ttl=timedelta(seconds=settings.credit_ttl_seconds),
+        initial=settings.retry_initial_seconds,
+        maximum=settings.retry_max_seconds,
+        grace=timedelta(seconds=settings.credit_grace_seconds),
+    )
+
 
 class DeliveryService:
     def __init__(self, db: Database, settings: Settings, send: Callable[[CoinPulse], None]) -> None:
         self._db = db
         self._send = send
-        self._ttl = timedelta(seconds=settings.credit_ttl_seconds)
-        self.backoff = self.backoff_of(settings)
-
-    @staticmethod
-    def backoff_of(settings: Settings) -> grants.Backoff:
-        return grants.Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+        self.schedule = schedule_of(settings)
 
     def create(
         self, conn: Connection, machine_id: str, credits: int, source: str, reason: str | None
@@ -35,11 +42,17 @@ class DeliveryService:
             source=source,
             reason=reason,
             now=utc_now(),
-            ttl=self._ttl,
-            backoff=self.backoff,
+            schedule=self.schedule,
         )
 
     def send(self, pulse: CoinPulse) -> None:
+        """Publish a committed grant and log its creation (logged only once durable)."""
+        log.info(
+            "grant_created",
+            machineId=pulse.machine_id,
+            creditId=pulse.credit_id,
+            credits=pulse.credits,
+        )
         self._send(pulse)
 
     def comp(self, machine_id: str, credits: int, reason: str) -> CoinPulse:
