@@ -23,7 +23,12 @@ from insertcoin.protocol import (
     parse_message,
 )
 from insertcoin.protocol.ids import CREDIT_ID_PATTERN, MACHINE_ID_PATTERN, TEXT_PATTERN
-from insertcoin.protocol.messages import MAX_CREDITS_PER_GRANT, MAX_PAYLOAD_BYTES, MODELS
+from insertcoin.protocol.messages import (
+    MAX_CREDIT_BALANCE,
+    MAX_CREDITS_PER_GRANT,
+    MAX_PAYLOAD_BYTES,
+    MODELS,
+)
 
 T0 = datetime(2024, 7, 1, 12, 0, tzinfo=UTC)
 
@@ -444,14 +449,14 @@ def _build(model: type) -> Any:
         machine_id=ids,
         status=st.just("game_over"),
         timestamp=aware_times,
-        credits_left=st.none() | st.integers(min_value=0, max_value=2**31),
+        credits_left=st.none() | st.integers(min_value=0, max_value=MAX_CREDIT_BALANCE),
     )
     | st.builds(
         _build(Status),
         machine_id=ids,
         online=st.just(True),
         state=st.sampled_from(["attract", "playing", "out_of_service"]),
-        credits=st.integers(min_value=0, max_value=2**31),
+        credits=st.integers(min_value=0, max_value=MAX_CREDIT_BALANCE),
         timestamp=aware_times,
         agent_version=st.none()
         | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=64),

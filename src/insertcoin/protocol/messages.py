@@ -26,6 +26,10 @@ from insertcoin.protocol.topics import TopicKind
 
 MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_CREDITS_PER_GRANT = 1000
+# Bounds that keep every number inside a 32-bit database column and a 64-bit JSON int.
+MAX_CREDIT_BALANCE = 1_000_000
+MAX_CREDITS_PER_PURCHASE = 100
+MAX_PRICE_AMOUNT = 99_999_999  # Stripe's own ceiling for one amount
 
 
 def _aware(moment: datetime) -> datetime:
@@ -75,7 +79,7 @@ class Ack(_Message):
 class GameOver(_Message):
     status: Literal["game_over"]
     timestamp: Timestamp
-    credits_left: Annotated[int, Field(ge=0)] | None = None
+    credits_left: Annotated[int, Field(ge=0, le=MAX_CREDIT_BALANCE)] | None = None
 
 
 class Status(_Message):
@@ -83,7 +87,7 @@ class Status(_Message):
 
     online: bool
     state: Literal["attract", "playing", "out_of_service"] | None = None
-    credits: Annotated[int, Field(ge=0)] | None = None
+    credits: Annotated[int, Field(ge=0, le=MAX_CREDIT_BALANCE)] | None = None
     timestamp: Timestamp | None = None
     agent_version: Annotated[str, Field(max_length=64, pattern=r"^[\x20-\x7e]*$")] | None = None
 
@@ -97,14 +101,14 @@ class Status(_Message):
 class Price(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
 
-    amount: Annotated[int, Field(ge=0)]
+    amount: Annotated[int, Field(ge=0, le=MAX_PRICE_AMOUNT)]
     currency: Annotated[str, Field(pattern=r"^[a-z]{3}$")]
 
 
 class CabinetConfig(_Message):
     pay_url: Annotated[str, Field(min_length=1, max_length=2048)]
     price: Price
-    credits_per_purchase: Annotated[int, Field(ge=1)]
+    credits_per_purchase: Annotated[int, Field(ge=1, le=MAX_CREDITS_PER_PURCHASE)]
     name: Annotated[str, Field(max_length=200, pattern=TEXT_PATTERN)]
 
 

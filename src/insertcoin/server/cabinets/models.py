@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from insertcoin.protocol.ids import MACHINE_ID_PATTERN, TEXT_PATTERN
-from insertcoin.protocol.messages import Price
+from insertcoin.protocol.messages import MAX_CREDITS_PER_PURCHASE, MAX_PRICE_AMOUNT, Price
 
 # Stripe's zero-decimal currencies: amounts are whole units, not cents.
 _ZERO_DECIMAL = frozenset(
@@ -31,7 +31,6 @@ _ZERO_DECIMAL = frozenset(
         "xpf",
     ]
 )
-MAX_PRICE_AMOUNT = 99_999_999  # Stripe's own ceiling for one amount
 
 
 def amount_from_decimal(price: str, currency: str) -> int:
@@ -57,7 +56,7 @@ class _Model(BaseModel):
 
 
 CabinetName = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
-CreditsPerPurchase = Annotated[int, Field(ge=1, le=100)]
+CreditsPerPurchase = Annotated[int, Field(ge=1, le=MAX_CREDITS_PER_PURCHASE)]
 
 
 class PriceIn(_Model):

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from insertcoin.protocol.ids import MACHINE_ID_PATTERN
-from insertcoin.protocol.messages import GameOver
+from insertcoin.protocol.messages import MAX_CREDIT_BALANCE, GameOver
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.delivery.events import CabinetMessage
 from insertcoin.server.errors import Forbidden
@@ -17,7 +17,7 @@ router = APIRouter(tags=["cabinet"])
 
 class GameOverBody(BaseModel):
     machine_id: Annotated[str, Field(pattern=MACHINE_ID_PATTERN)]
-    credits_left: Annotated[int, Field(ge=0)] | None = None
+    credits_left: Annotated[int, Field(ge=0, le=MAX_CREDIT_BALANCE, strict=True)] | None = None
 
 
 @router.post("/gameover")
