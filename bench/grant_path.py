@@ -240,12 +240,12 @@ def _steps(runtime: Runtime, count: int) -> dict[str, dict[str, float]]:
         lambda i: log.info("grant_created", machineId="cab00", creditId=i, credits=1), count
     )
     rows["DeliveryService.comp (txn + publish)"] = _measure(
-        lambda _: delivery.comp("cab00", 1, "bench"), count
+        lambda _: delivery.comp("cab00", 1, "bench").result(), count
     )
 
     # Acks: settle grants made for the purpose, one per handle() and 32 per handle().
     def make(n: int) -> list[str]:
-        return [delivery.comp(f"cab{i % 4:02d}", 1, "bench").credit_id for i in range(n)]
+        return [delivery.comp(f"cab{i % 4:02d}", 1, "bench").result().credit_id for i in range(n)]
 
     def ack(credit_id: str, machine_id: str) -> bytes:
         return dump_message(

@@ -24,6 +24,7 @@ from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.cabinets.models import CabinetCreate
 from insertcoin.server.cabinets.registry import CabinetRegistry
 from insertcoin.server.delivery.events import CabinetEvents, CabinetMessage
+from insertcoin.server.delivery.grants import GrantRequest
 from insertcoin.server.delivery.listener import Listener
 from insertcoin.server.delivery.service import DeliveryService
 from insertcoin.server.metrics import Metrics
@@ -351,7 +352,10 @@ def test_a_poison_ack_does_not_fail_the_other_messages_of_its_batch(db_url: str)
                 {"machineId": A, "name": "A", "price": {"amount": 1, "currency": "usd"}}
             )
         )
-        pulse = DeliveryService(db, settings, lambda _: None).comp(A, 1, "test")
+        with db.write() as conn:
+            pulse = DeliveryService(db, settings, lambda _: None).create(
+                conn, GrantRequest(A, 1, "comp", "test")
+            )
         now = datetime.now(UTC)
         batch = [
             CabinetMessage(

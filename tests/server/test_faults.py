@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.pool import NullPool
 
-from insertcoin.protocol import Topics, utc_now
+from insertcoin.protocol import CoinPulse, Topics, utc_now
 from insertcoin.server.delivery import grants as grant_outbox
 from insertcoin.server.store.tables import grants, history
 from tests.support.cabinet import FakeCabinets
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 MIN_GRANTS = int(os.environ.get("INSERTCOIN_TEST_FAULT_GRANTS", "1000"))  # per fault scenario
 GAP = (40, 80)  # grants between two faults
-FINAL = {grant_outbox.APPLIED, grant_outbox.EXPIRED}
+FINAL = {grant_outbox.APPLIED, grant_outbox.EXPIRED, grant_outbox.REJECTED}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -642,18 +642,24 @@ def test_two_servers_on_one_database_handle_each_grant_once(
             due_ids: set[str] = set()
             for batch in range(40):
                 with engine.begin() as conn:
-                    for n in range(5):
-                        pulse = grant_outbox.create(
-                            conn,
-                            machine_id=machine_ids[(batch + n) % len(machine_ids)],
-                            credits=_credits_of(n),
-                            source="comp",
-                            reason=f"orphan #{batch}.{n}",
-                            now=utc_now(),
-                            ttl=timedelta(seconds=600),
-                            backoff=grant_outbox.Backoff(0, 0),  # due now
-                        )
-                        due_ids.add(pulse.credit_id)
+                    results = grant_outbox.create_many(
+                        conn,
+                        [
+                            grant_outbox.GrantRequest(
+                                machine_ids[(batch + n) % len(machine_ids)],
+                                _credits_of(n),
+                                "comp",
+                                f"orphan #{batch}.{n}",
+                            )
+                            for n in range(5)
+                        ],
+                        now=utc_now(),
+                        # Due at once: written as if its first send had been lost.
+                        schedule=grant_outbox.Schedule(
+                            ttl=timedelta(seconds=600), initial=0, maximum=0, grace=timedelta(0)
+                        ),
+                    )
+                    due_ids.update(r.credit_id for r in results if isinstance(r, CoinPulse))
                 time.sleep(rng.uniform(0.01, 0.15))
             pending = _wait_applied(engine, due_ids, timeout=60)
             assert not pending, f"{len(pending)} due grants not applied: {_first(pending)}"

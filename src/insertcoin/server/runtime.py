@@ -84,6 +84,7 @@ class Runtime:
         else:
             log.info("using_broker", broker=self.link.target.display())
         self.listener.start()
+        self.delivery.start()
         self.link.start()
         if not self.link.wait_connected(connect_timeout):
             log.warning("mqtt_not_connected_yet", broker=self.link.target.display())
@@ -91,6 +92,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.dispatcher.stop()
+        self.delivery.stop()
         self.link.stop()
         self.listener.stop()
         if self.broker is not None:

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, RowMapping, bindparam, insert, select, update
 
 from insertcoin.protocol.ids import new_credit_id
 from insertcoin.protocol.messages import Ack, CoinPulse
-from insertcoin.server.errors import Invalid, NotFound
+from insertcoin.server.errors import InsertcoinError, Invalid, NotFound
 from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, grants
 from insertcoin.server.store.tables import history as history_table
@@ -98,59 +98,71 @@ def _history_row(
     }
 
 
-def create(
-    conn: Connection,
-    *,
-    machine_id: str,
-    credits: int,
-    source: str,
-    reason: str | None,
-    now: datetime,
-    schedule: Schedule,
-) -> CoinPulse:
-    """Insert a pending grant, counted as sent once: the caller publishes it after commit,
-    and if that never happens the dispatcher re-sends it after the first backoff."""
-    cabinet = conn.execute(
-        select(cabinets.c.enabled).where(cabinets.c.machine_id == machine_id)
-    ).first()
-    if cabinet is None:
-        raise NotFound(f"no cabinet {machine_id!r}")
-    if not cabinet.enabled:
-        raise Invalid(f"cabinet {machine_id!r} is disabled")
-    credit_id = new_credit_id()
+@dataclass(frozen=True)
+class GrantRequest:
+    machine_id: str
+    credits: int
+    source: str  # "comp", later "purchase"
+    reason: str | None
+
+
+def create_many(
+    conn: Connection, requests: list[GrantRequest], *, now: datetime, schedule: Schedule
+) -> list[CoinPulse | InsertcoinError]:
+    """Insert pending grants, each counted as sent once: the caller publishes them after
+    commit, and what is never published the dispatcher re-sends after the first backoff.
+
+    A request for an unknown or disabled cabinet gets its error in the result list and
+    writes nothing, so one bad request never spoils the others in a batch.
+    """
+    enabled = dict(
+        conn.execute(
+            select(cabinets.c.machine_id, cabinets.c.enabled).where(
+                cabinets.c.machine_id.in_({r.machine_id for r in requests})
+            )
+        ).all()
+    )
+    results: list[CoinPulse | InsertcoinError] = []
+    rows: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     expires_at = now + schedule.ttl
-    conn.execute(
-        insert(grants).values(
-            credit_id=credit_id,
-            machine_id=machine_id,
-            credits=credits,
-            source=source,
-            reason=reason,
-            state=PENDING,
-            created_at=now,
+    for request in requests:
+        if request.machine_id not in enabled:
+            results.append(NotFound(f"no cabinet {request.machine_id!r}"))
+            continue
+        if not enabled[request.machine_id]:
+            results.append(Invalid(f"cabinet {request.machine_id!r} is disabled"))
+            continue
+        pulse = CoinPulse(
+            machine_id=request.machine_id,
+            credits=request.credits,
+            timestamp=now,
+            credit_id=new_credit_id(),
             expires_at=expires_at,
-            attempts=1,
-            next_attempt_at=schedule.next_attempt(now, 1, expires_at),
-            last_published_at=now,
         )
-    )
-    history.record(
-        conn,
-        subject="grant",
-        subject_id=credit_id,
-        machine_id=machine_id,
-        event="created",
-        to_state=PENDING,
-        at=now,
-        detail={"credits": credits, "source": source, "reason": reason},
-    )
-    return CoinPulse(
-        machine_id=machine_id,
-        credits=credits,
-        timestamp=now,
-        credit_id=credit_id,
-        expires_at=expires_at,
-    )
+        rows.append(
+            {
+                "credit_id": pulse.credit_id,
+                "machine_id": request.machine_id,
+                "credits": request.credits,
+                "source": request.source,
+                "reason": request.reason,
+                "state": PENDING,
+                "created_at": now,
+                "expires_at": expires_at,
+                "attempts": 1,
+                "next_attempt_at": schedule.next_attempt(now, 1, expires_at),
+                "last_published_at": now,
+            }
+        )
+        new = {"credit_id": pulse.credit_id, "machine_id": request.machine_id, "state": None}
+        detail = {"credits": request.credits, "source": request.source, "reason": request.reason}
+        entries.append(_history_row(new, "created", PENDING, now, detail))
+        results.append(pulse)
+    if rows:
+        conn.execute(insert(grants), rows)
+        conn.execute(insert(history_table), entries)
+    return results
 
 
 _RESCHEDULE = (

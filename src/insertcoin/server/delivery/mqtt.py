@@ -5,6 +5,7 @@ clean sessions for shared subscribers. On every (re)connect it subscribes again 
 tells the owner, who re-publishes the retained configs (a broker may have lost them).
 """
 
+import socket
 import ssl
 import threading
 import uuid
@@ -83,6 +84,11 @@ class MqttLink:
         if reason.is_failure:
             log.error("mqtt_connect_refused", broker=self.target.display(), reason=str(reason))
             return
+        # Without TCP_NODELAY each small QoS 1 publish waits out Nagle's algorithm
+        # against the broker's delayed ACK: about 20 ms per coinpulse on Linux.
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._subscriptions:
             client.subscribe([(topic, QOS) for topic in self._subscriptions])
         self._connected.set()

@@ -2,6 +2,7 @@
 if that publish is lost, or if this process dies between the two)."""
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import timedelta
 
 import structlog
@@ -10,6 +11,7 @@ from sqlalchemy import Connection
 from insertcoin.protocol.messages import CoinPulse
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.delivery import grants
+from insertcoin.server.delivery.writer import GrantWriter
 from insertcoin.server.settings import Settings
 from insertcoin.server.store.database import Database
 
@@ -27,23 +29,22 @@ def schedule_of(settings: Settings) -> grants.Schedule:
 
 class DeliveryService:
     def __init__(self, db: Database, settings: Settings, send: Callable[[CoinPulse], None]) -> None:
-        self._db = db
         self._send = send
         self.schedule = schedule_of(settings)
+        self._writer = GrantWriter(db, self.schedule, self.send)
 
-    def create(
-        self, conn: Connection, machine_id: str, credits: int, source: str, reason: str | None
-    ) -> CoinPulse:
-        """Add a grant inside the caller's transaction; call `send` after it commits."""
-        return grants.create(
-            conn,
-            machine_id=machine_id,
-            credits=credits,
-            source=source,
-            reason=reason,
-            now=utc_now(),
-            schedule=self.schedule,
-        )
+    def start(self) -> None:
+        self._writer.start()
+
+    def stop(self) -> None:
+        self._writer.stop()
+
+    def create(self, conn: Connection, request: grants.GrantRequest) -> CoinPulse:
+        """Add one grant inside the caller's transaction; call `send` after it commits."""
+        [result] = grants.create_many(conn, [request], now=utc_now(), schedule=self.schedule)
+        if not isinstance(result, CoinPulse):
+            raise result
+        return result
 
     def send(self, pulse: CoinPulse) -> None:
         """Publish a committed grant and log its creation (logged only once durable)."""
@@ -55,8 +56,6 @@ class DeliveryService:
         )
         self._send(pulse)
 
-    def comp(self, machine_id: str, credits: int, reason: str) -> CoinPulse:
-        with self._db.write() as conn:
-            pulse = self.create(conn, machine_id, credits, "comp", reason)
-        self.send(pulse)
-        return pulse
+    def comp(self, machine_id: str, credits: int, reason: str) -> "Future[CoinPulse]":
+        """A free grant from the operator, written and published by the group writer."""
+        return self._writer.submit(grants.GrantRequest(machine_id, credits, "comp", reason))

@@ -12,7 +12,8 @@ from insertcoin.server.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_runtime(request: Request) -> Runtime:
+# No I/O in these: `async def` keeps them off the thread pool.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -23,7 +24,7 @@ CreditIdPath = Annotated[str, Path(pattern=CREDIT_ID_PATTERN)]
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def require_admin(runtime: RuntimeDep, bearer: BearerDep) -> None:
+async def require_admin(runtime: RuntimeDep, bearer: BearerDep) -> None:
     if bearer is None:
         raise Unauthorized("send the admin token as 'Authorization: Bearer <token>'")
     if runtime.admin is None or not runtime.admin.verify(bearer.credentials):

@@ -1,5 +1,6 @@
 """The operator API under /api (admin bearer token)."""
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Response
@@ -57,10 +58,10 @@ def patch_cabinet(machine_id: MachineIdPath, patch: CabinetPatch, runtime: Runti
 
 
 @router.post("/cabinets/{machine_id}/credits", status_code=201, response_model_by_alias=True)
-def comp_credits(
+async def comp_credits(
     machine_id: MachineIdPath, body: CompCredits, runtime: RuntimeDep, response: Response
 ) -> GrantCreated:
-    pulse = runtime.delivery.comp(machine_id, body.credits, body.reason)
+    pulse = await asyncio.wrap_future(runtime.delivery.comp(machine_id, body.credits, body.reason))
     response.headers["Location"] = f"/api/grants/{pulse.credit_id}"
     return GrantCreated(
         credit_id=pulse.credit_id,
