@@ -64,6 +64,9 @@ def serve(
     """Run the API, dispatcher and MQTT listener (migrates the database first)."""
     configure_logs()
     settings = _settings()  # before the heavy imports: a bad setting is reported at once
+    # Work hops between threads (HTTP loop, grant writer, MQTT network thread); with the
+    # default 5 ms GIL switch interval each hop can wait that long behind a busy thread.
+    sys.setswitchinterval(0.0005)
     import uvicorn  # noqa: PLC0415
 
     from insertcoin.server.app import create_app  # noqa: PLC0415
