@@ -1,10 +1,14 @@
 """Domain errors → HTTP, in one place. Always JSON `{"detail": ...}`."""
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from insertcoin.server.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+
+log = structlog.get_logger(__name__)
 
 _STATUS: dict[type[Exception], int] = {
     NotFound: 404,
@@ -25,6 +29,17 @@ def install(app: FastAPI) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
         app.add_exception_handler(error, handler)
+
+    async def database_away(_: Request, exc: Exception) -> JSONResponse:
+        # Only reached when the database itself fails: bad input never gets this far.
+        log.error("database_error", error=type(exc).__name__)
+        return JSONResponse(
+            {"detail": "the database is unavailable; try again shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    app.add_exception_handler(OperationalError, database_away)
 
 
 class BodyLimit:
