@@ -2,6 +2,7 @@
 remembers every creditId it applied, and acks like an agent would (re-acks duplicates,
 rejects expired grants). One client can play many cabinets."""
 
+import socket
 import threading
 import uuid
 from collections import Counter
@@ -73,6 +74,9 @@ class FakeCabinets:
         self.client.loop_stop()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # as the agent does: no Nagle delay on acks
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe([(self.topics.topic(m, TopicKind.COINPULSE), 1) for m in self.machine_ids])
         for machine_id in self.machine_ids:
             self.publish_status(machine_id, online=True)

@@ -73,6 +73,9 @@ def write_mosquitto_config(settings: Settings, db: Database, directory: Path) ->
         _replace(
             files.conf_file,
             f"{_HEADER}allow_anonymous false\n"
+            # Without it a coinpulse or ack can wait out Nagle's algorithm against a
+            # delayed ACK: measured here, 20 ms instead of 5 from grant to applied.
+            "set_tcp_nodelay true\n"
             f"password_file {files.password_file}\n"
             f"acl_file {files.acl_file}\n",
             0o644,
