@@ -64,6 +64,10 @@ def serve(
     """Run the API, dispatcher and MQTT listener (migrates the database first)."""
     configure_logs()
     settings = _settings()  # before the heavy imports: a bad setting is reported at once
+    if "public_url" not in settings.model_fields_set:
+        # QR codes and pay links must point at where this server really listens.
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        settings = settings.model_copy(update={"public_url": f"http://{shown}:{port}"})
     # Work hops between threads (HTTP loop, grant writer, MQTT network thread); with the
     # default 5 ms GIL switch interval each hop can wait that long behind a busy thread.
     sys.setswitchinterval(0.0005)

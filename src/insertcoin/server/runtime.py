@@ -36,6 +36,7 @@ class Runtime:
         self.broker: EmbeddedBroker | None = None
         self.admin: AdminToken | None = None
         target = settings.mqtt_target()
+        self._configured = target is not None
         self._embedded = target is None and not is_listening(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT)
         if target is None:
             target = MqttTarget(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT, None, None, tls=False)
@@ -72,7 +73,10 @@ class Runtime:
 
     @property
     def broker_description(self) -> str:
-        kind = "embedded" if self._embedded else "external"
+        if self._embedded:
+            kind = "embedded"
+        else:
+            kind = "configured" if self._configured else "found listening locally"
         return f"{self.link.target.display()} ({kind})"
 
     def start(self, *, connect_timeout: float = 10.0) -> None:
