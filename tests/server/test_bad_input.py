@@ -33,7 +33,7 @@ from insertcoin.server.store.database import open_database, upgrade
 from insertcoin.server.store.tables import cabinets, gameovers, grants, history, presence
 from insertcoin.server.web.errors import MAX_BODY_BYTES
 from tests.support.cabinet import FakeCabinets
-from tests.support.server import ADMIN_TOKEN, ServerThread, make_settings
+from tests.support.server import ADMIN_TOKEN, ServerThread, add_cabinet, make_settings
 from tests.support.services import mosquitto
 
 A, B, GHOST = "cabA", "cabB", "ghost"
@@ -44,17 +44,7 @@ NOW = "2024-07-01T12:00:00Z"
 
 
 def _add_cabinet(server: ServerThread, machine_id: str) -> dict[str, Any]:
-    response = server.admin.post(
-        "/api/cabinets",
-        json={
-            "machineId": machine_id,
-            "name": f"Cabinet {machine_id}",
-            "price": {"amount": 100, "currency": "usd"},
-        },
-    )
-    assert response.status_code == 201, response.text
-    cabinet: dict[str, Any] = response.json()
-    return cabinet
+    return add_cabinet(server.admin, machine_id)
 
 
 def _comp(server: ServerThread, machine_id: str, credits: int = 1) -> str:

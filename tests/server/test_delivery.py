@@ -11,20 +11,11 @@ from insertcoin.protocol import CabinetConfig, Status, dump_message, parse_messa
 from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.settings import parse_mqtt_url
 from tests.support.cabinet import FakeCabinets
-from tests.support.server import ServerThread, make_settings
+from tests.support.server import ServerThread, add_cabinet, make_settings
 
 
 def _add_cabinet(server: ServerThread, machine_id: str) -> dict:
-    response = server.admin.post(
-        "/api/cabinets",
-        json={
-            "machineId": machine_id,
-            "name": f"Cabinet {machine_id}",
-            "price": {"amount": 100, "currency": "usd"},
-        },
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
+    return add_cabinet(server.admin, machine_id)
 
 
 def _wait_state(server: ServerThread, credit_id: str, state: str, timeout: float = 10) -> dict:

@@ -31,7 +31,7 @@ from insertcoin.protocol import CoinPulse, Topics, utc_now
 from insertcoin.server.delivery import grants as grant_outbox
 from insertcoin.server.store.tables import grants, history
 from tests.support.cabinet import FakeCabinets
-from tests.support.server import ADMIN_TOKEN, ServerProcess
+from tests.support.server import ADMIN_TOKEN, ServerProcess, add_cabinet
 from tests.support.services import Mosquitto, mosquitto, postgres_schema
 
 pytestmark = pytest.mark.slow
@@ -90,15 +90,7 @@ def _server_env(db_url: str, broker: Mosquitto, prefix: str, **extra: str) -> di
 def _add_cabinets(url: str, machine_ids: list[str]) -> None:
     with httpx.Client(base_url=url, headers=ADMIN, timeout=10) as client:
         for machine_id in machine_ids:
-            response = client.post(
-                "/api/cabinets",
-                json={
-                    "machineId": machine_id,
-                    "name": f"Cabinet {machine_id}",
-                    "price": {"amount": 100, "currency": "usd"},
-                },
-            )
-            assert response.status_code == 201, response.text
+            add_cabinet(client, machine_id)
 
 
 def _credits_of(index: int) -> int:

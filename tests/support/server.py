@@ -44,6 +44,21 @@ def make_settings(db_url: str, broker_url: str, prefix: str, **overrides: Any) -
     return load_settings(**values)
 
 
+def add_cabinet(admin: httpx.Client, machine_id: str) -> dict[str, Any]:
+    """Register a cabinet through the operator API; returns it with its credentials."""
+    response = admin.post(
+        "/api/cabinets",
+        json={
+            "machineId": machine_id,
+            "name": f"Cabinet {machine_id}",
+            "price": {"amount": 100, "currency": "usd"},
+        },
+    )
+    assert response.status_code == 201, response.text
+    cabinet: dict[str, Any] = response.json()
+    return cabinet
+
+
 class ServerThread:
     """The real app behind real HTTP, in this process (uvicorn in a thread)."""
 

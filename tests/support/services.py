@@ -95,8 +95,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n"
             f"persistence true\npersistence_location {self.data}/\n"
             "autosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
-            "set_tcp_nodelay true\n"
-            + (self.extra_config or "allow_anonymous true\n")
+            "set_tcp_nodelay true\n" + (self.extra_config or "allow_anonymous true\n")
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.process = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=log)
