@@ -36,6 +36,7 @@ from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.app import create_app
 from insertcoin.server.cabinets.models import CabinetCreate
 from insertcoin.server.delivery.events import decode
+from insertcoin.server.delivery.grants import GrantRequest
 from insertcoin.server.runtime import Runtime
 from insertcoin.server.settings import load_settings
 from insertcoin.server.store import history
@@ -202,7 +203,7 @@ def _steps(runtime: Runtime, count: int) -> dict[str, dict[str, float]]:
 
     def create_only(_: int) -> None:
         with rdb.write() as conn:
-            delivery.create(conn, "cab00", 1, "comp", "bench")
+            delivery.create(conn, GrantRequest("cab00", 1, "comp", "bench"))
 
     pulse = CoinPulse(
         machine_id="cab00",

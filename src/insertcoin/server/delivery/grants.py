@@ -106,6 +106,16 @@ class GrantRequest:
     reason: str | None
 
 
+# Statements on the hot paths are built once: building and hashing a fresh `select()`
+# costs more CPU than executing it (≈ 100 µs against ≈ 30 µs on SQLite), and the
+# compiled form is cached by SQLAlchemy either way. `expanding` takes any number of ids.
+_ENABLED = select(cabinets.c.machine_id, cabinets.c.enabled).where(
+    cabinets.c.machine_id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_GRANT = insert(grants)
+_INSERT_HISTORY = insert(history_table)
+
+
 def create_many(
     conn: Connection, requests: list[GrantRequest], *, now: datetime, schedule: Schedule
 ) -> list[CoinPulse | InsertcoinError]:
@@ -115,13 +125,7 @@ def create_many(
     A request for an unknown or disabled cabinet gets its error in the result list and
     writes nothing, so one bad request never spoils the others in a batch.
     """
-    enabled = dict(
-        conn.execute(
-            select(cabinets.c.machine_id, cabinets.c.enabled).where(
-                cabinets.c.machine_id.in_({r.machine_id for r in requests})
-            )
-        ).all()
-    )
+    enabled = dict(conn.execute(_ENABLED, {"ids": sorted({r.machine_id for r in requests})}).all())
     results: list[CoinPulse | InsertcoinError] = []
     rows: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
@@ -160,8 +164,8 @@ def create_many(
         entries.append(_history_row(new, "created", PENDING, now, detail))
         results.append(pulse)
     if rows:
-        conn.execute(insert(grants), rows)
-        conn.execute(insert(history_table), entries)
+        conn.execute(_INSERT_GRANT, rows)
+        conn.execute(_INSERT_HISTORY, entries)
     return results
 
 
@@ -243,6 +247,16 @@ _SETTLE = (
 )
 
 
+# Locked in a fixed order, so two processes settling overlapping batches cannot deadlock.
+# Only the columns settling needs: each datetime read costs a conversion.
+_LOCK_GRANTS = (
+    select(grants.c.credit_id, grants.c.machine_id, grants.c.state, grants.c.created_at)
+    .where(grants.c.credit_id.in_(bindparam("ids", expanding=True)))
+    .order_by(grants.c.credit_id)
+    .with_for_update()
+)
+
+
 def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> list[AckOutcome]:
     """Settle grants from cabinet acks; `acks` pairs each ack with the cabinet of its topic.
 
@@ -251,13 +265,7 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
     """
     ids = sorted({ack.credit_id for _, ack in acks})
     current: dict[str, dict[str, Any]] = {
-        row["credit_id"]: dict(row)
-        for row in conn.execute(
-            select(grants)
-            .where(grants.c.credit_id.in_(ids))
-            .order_by(grants.c.credit_id)
-            .with_for_update()
-        ).mappings()
+        row["credit_id"]: dict(row) for row in conn.execute(_LOCK_GRANTS, {"ids": ids}).mappings()
     }
     settles: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
@@ -296,7 +304,7 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
     if settles:
         conn.execute(_SETTLE, settles)
     if entries:
-        conn.execute(insert(history_table), entries)
+        conn.execute(_INSERT_HISTORY, entries)
     return outcomes
 
 
