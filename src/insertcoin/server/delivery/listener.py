@@ -15,6 +15,7 @@ import structlog
 
 from insertcoin.protocol.errors import ProtocolError
 from insertcoin.protocol.topics import Topics
+from insertcoin.server.delivery.batches import batches
 from insertcoin.server.delivery.events import CabinetEvents, CabinetMessage, decode
 
 log = structlog.get_logger(__name__)
@@ -45,24 +46,8 @@ class Listener:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stopping = False
-            while len(batch) < _BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+        for batch in batches(self._queue, _BATCH):
             self.process(batch)
-            if stopping:
-                return
 
     def process(self, batch: list[CabinetMessage]) -> None:
         """Apply a batch; on failure, each message on its own."""

@@ -16,6 +16,7 @@ import structlog
 from insertcoin.protocol.messages import CoinPulse
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.delivery import grants
+from insertcoin.server.delivery.batches import batches
 from insertcoin.server.store.database import Database
 
 log = structlog.get_logger(__name__)
@@ -49,20 +50,7 @@ class GrantWriter:
         return future
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < _BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._write(batch)
-                    return
-                batch.append(item)
+        for batch in batches(self._queue, _BATCH):
             self._write(batch)
 
     def _write(self, batch: list[_Item]) -> None:
