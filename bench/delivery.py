@@ -271,7 +271,7 @@ def run_database(
     kind: str, args: argparse.Namespace, workdir: Path, client: dict[str, Any]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"database": kind}
-    nodelay = set(args.nodelay.split(",")) if args.nodelay else set()
+    nodelay = set(args.nodelay.split(",")) - {"none", ""}
     if "all" in nodelay:
         nodelay = {"broker", "server", "acker"}
     server_env = nodelay_env() if "server" in nodelay else {}
@@ -628,8 +628,11 @@ def main() -> None:
     parser.add_argument(
         "--nodelay",
         metavar="WHERE",
-        help="experiment: TCP_NODELAY in any of broker (set_tcp_nodelay), server, acker, "
-        "comma-separated, or all",
+        # The deployment the docs recommend: `broker mosquitto-config` writes
+        # set_tcp_nodelay, and cabinets set TCP_NODELAY (the server always does).
+        default="broker,acker",
+        help="TCP_NODELAY in any of broker (set_tcp_nodelay), server, acker, "
+        "comma-separated, all, or none (default: broker,acker, as recommended)",
     )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
