@@ -11,8 +11,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import delete, insert, inspect, select, update
+from sqlalchemy.exc import DBAPIError
 
+from insertcoin.protocol import utc_now
 from insertcoin.server.store.database import (
     MIGRATIONS_DIR,
     Database,
@@ -21,7 +23,7 @@ from insertcoin.server.store.database import (
     upgrade,
 )
 from insertcoin.server.store.migrations import LATEST_REVISION
-from insertcoin.server.store.tables import metadata
+from insertcoin.server.store.tables import history, metadata
 from tests.support.server import make_settings
 
 
@@ -87,3 +89,17 @@ def test_revision_files_name_their_revision():
     script = ScriptDirectory.from_config(_config())
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
+
+
+def test_history_is_append_only(db: Database):
+    """The database itself refuses to change or delete a history entry (GUARANTEES G8):
+    only inserts reach the record of state changes."""
+    upgrade(db)
+    entry = {"subject": "grant", "subject_id": "cr_x", "event": "created", "at": utc_now()}
+    with db.write() as conn:
+        conn.execute(insert(history).values(**entry))
+    for statement in (update(history).values(event="applied"), delete(history)):
+        with pytest.raises(DBAPIError, match="history is append-only"), db.write() as conn:
+            conn.execute(statement)
+    with db.read() as conn:
+        assert conn.execute(select(history.c.event)).scalars().all() == ["created"]
