@@ -2,7 +2,6 @@
 
 import base64
 import hashlib
-import hmac
 import secrets
 
 # mosquitto_passwd's own parameters (Mosquitto 2.0): PBKDF2-SHA512, 101 rounds, 12-byte salt.
@@ -22,19 +21,6 @@ def mosquitto_hash(password: str, *, salt: bytes | None = None) -> str:
         f"$7${_MOSQUITTO_ITERATIONS}$"
         f"{base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
     )
-
-
-def verify_mosquitto_hash(password: str, stored: str) -> bool:
-    try:
-        _, kind, rounds, salt_b64, digest_b64 = stored.split("$")
-        salt, expected = base64.b64decode(salt_b64), base64.b64decode(digest_b64)
-        iterations = int(rounds)
-    except ValueError:
-        return False
-    if kind != "7":
-        return False
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return hmac.compare_digest(digest, expected)
 
 
 def token_hash(token: str) -> str:

@@ -173,9 +173,3 @@ class CabinetRegistry:
                     credentials.c.token_hash == token_hash(token)
                 )
             ).scalar_one_or_none()
-
-    def exists(self, conn: Connection, machine_id: str) -> bool:
-        found = conn.execute(
-            select(cabinets.c.machine_id).where(cabinets.c.machine_id == machine_id)
-        ).first()
-        return found is not None

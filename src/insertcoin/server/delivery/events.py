@@ -1,7 +1,6 @@
 """What cabinets say: `ack`, `status`, `gameover`. One handler for every transport — the
 MQTT listener, `POST /gameover`, and later an HTTP bridge fed by a broker rule."""
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +55,9 @@ def decode(topics: Topics, topic: str, payload: bytes) -> CabinetMessage:
 
 
 class CabinetEvents:
-    def __init__(
-        self,
-        db: Database,
-        metrics: Metrics,
-        on_settled: Callable[[list[grants.AckOutcome]], None] = lambda _: None,
-    ) -> None:
+    def __init__(self, db: Database, metrics: Metrics) -> None:
         self._db = db
         self._metrics = metrics
-        self._on_settled = on_settled
 
     def check(self) -> None:
         """Raise if the database does not answer."""
@@ -116,9 +109,6 @@ class CabinetEvents:
             self._log_outcome(outcome)
             if outcome.event == grants.APPLIED and outcome.created_at is not None:
                 self._metrics.delivery_seconds.observe((now - outcome.created_at).total_seconds())
-        settled = [o for o in outcomes if o.created_at is not None]
-        if settled:
-            self._on_settled(settled)
         return outcomes
 
     @staticmethod
