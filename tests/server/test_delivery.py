@@ -12,6 +12,7 @@ from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.settings import parse_mqtt_url
 from tests.support.cabinet import FakeCabinets
 from tests.support.server import ServerThread, add_cabinet, make_settings
+from tests.support.services import mosquitto
 
 
 def _add_cabinet(server: ServerThread, machine_id: str) -> dict:
@@ -192,3 +193,27 @@ def _retained(broker_url: str, topic: str, timeout: float = 3.0) -> bytes | None
         client.disconnect()
         client.loop_stop()
     return got[-1] if got else None
+
+
+def test_grants_expire_on_time_while_the_broker_is_down(db_url, tmp_path, prefix):
+    """With the broker gone, nothing can be sent, but a grant still ends `expired` once
+    its grace has passed (GUARANTEES G2: final within TTL + grace + one period)."""
+    (tmp_path / "mq").mkdir()
+    with mosquitto(tmp_path / "mq") as broker:
+        server = ServerThread(make_settings(db_url, broker.url, prefix, credit_ttl_seconds=1.0))
+        try:
+            _add_cabinet(server, "dark")
+            broker.stop()
+            deadline = time.monotonic() + 5
+            while server.runtime.link.connected:
+                assert time.monotonic() < deadline, "server never noticed the broker left"
+                time.sleep(0.05)
+            created = server.admin.post(
+                "/api/cabinets/dark/credits", json={"credits": 1, "reason": "dark"}
+            )
+            assert created.status_code == 201, created.text
+            grant = _wait_state(server, created.json()["creditId"], "expired", timeout=5)
+            assert grant["state"] == "expired"
+            assert not server.runtime.link.connected
+        finally:
+            server.stop()

@@ -72,30 +72,40 @@ class Dispatcher:
         while not self._stop.is_set():
             self._wake.wait(self._interval)
             self._wake.clear()
-            if self._stop.is_set() or not self._link.connected:
+            if self._stop.is_set():
                 continue
             try:
-                self.run_once()
+                self.run_once(connected=self._link.connected)
             except Exception:
                 log.exception("dispatcher_failed")
 
-    def run_once(self) -> int:
-        """One pass; returns how many messages were published."""
+    def _claim(self, *, sending: bool) -> int:
         sent = 0
-        if self._republish_configs.is_set():
-            self._republish_configs.clear()
-            with self._db.write() as conn:
-                conn.execute(update(cabinets).values(config_published_version=0))
         while True:
             with self._db.write() as conn:
-                claim = grants.claim_due(conn, utc_now(), self._schedule, _BATCH)
+                claim = grants.claim_due(
+                    conn, utc_now(), self._schedule, _BATCH, only_expired=not sending
+                )
             for machine_id, credit_id in claim.expired:
                 log.info("grant_expired", machineId=machine_id, creditId=credit_id)
             for pulse in claim.pulses:
                 self.send(pulse)
             sent += len(claim.pulses)
             if len(claim.pulses) + len(claim.expired) < _BATCH:
-                break
+                return sent
+
+    def run_once(self, *, connected: bool = True) -> int:
+        """One pass; returns how many messages were published. Without a broker, grants
+        still expire on time (nothing is owed past its grace), and nothing is sent."""
+        sent = 0
+        if not connected:
+            self._claim(sending=False)
+            return sent
+        if self._republish_configs.is_set():
+            self._republish_configs.clear()
+            with self._db.write() as conn:
+                conn.execute(update(cabinets).values(config_published_version=0))
+        sent += self._claim(sending=True)
         while True:
             with self._db.write() as conn:
                 rows = (

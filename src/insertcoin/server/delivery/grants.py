@@ -180,19 +180,21 @@ _RESCHEDULE = (
 )
 
 
-def claim_due(conn: Connection, now: datetime, schedule: Schedule, limit: int) -> Claim:
+def claim_due(
+    conn: Connection, now: datetime, schedule: Schedule, limit: int, *, only_expired: bool = False
+) -> Claim:
     """Expire grants past their grace and return the ones to (re-)send now, rescheduled.
 
     Rows are locked with SKIP LOCKED on PostgreSQL, and moved past `now` before commit,
-    so with several server processes no grant is handled by two at once.
+    so with several server processes no grant is handled by two at once. With
+    `only_expired` (no broker to send through) only grants past their grace are taken.
     """
+    query = select(grants).where(grants.c.next_attempt_at <= now)
+    if only_expired:
+        query = query.where(grants.c.expires_at <= now - schedule.grace)
     rows = (
         conn.execute(
-            select(grants)
-            .where(grants.c.next_attempt_at <= now)
-            .order_by(grants.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
+            query.order_by(grants.c.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
         )
         .mappings()
         .all()
