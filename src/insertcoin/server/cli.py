@@ -121,10 +121,11 @@ def _print_cabinet(cabinet: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(cabinet.model_dump_json(by_alias=True, indent=2))
         return
-    price = cabinet.price
+    from insertcoin.server.cabinets.models import format_amount  # noqa: PLC0415
+
     state = "online" if cabinet.online else "offline"
     typer.echo(
-        f"{cabinet.machine_id}  {cabinet.name!r}  {price.amount} {price.currency} "
+        f"{cabinet.machine_id}  {cabinet.name!r}  {format_amount(cabinet.price)} "
         f"for {cabinet.credits_per_purchase} credit(s)  "
         f"{'enabled' if cabinet.enabled else 'disabled'}  {state}  {cabinet.pay_url}"
     )

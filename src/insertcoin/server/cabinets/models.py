@@ -40,12 +40,22 @@ def amount_from_decimal(price: str, currency: str) -> int:
         value = Decimal(price)
         if not value.is_finite():
             raise invalid
-        amount = value.scaleb(0 if currency.lower() in _ZERO_DECIMAL else 2)
+        amount = value.scaleb(_exponent(currency))
         if amount != amount.to_integral_value() or not 0 <= amount <= MAX_PRICE_AMOUNT:
             raise invalid
     except ArithmeticError:  # not a number at all, or too large to scale
         raise invalid from None
     return int(amount)
+
+
+def format_amount(price: Price) -> str:
+    """100 usd → '1.00 USD'; 500 jpy → '500 JPY'."""
+    exponent = _exponent(price.currency)
+    return f"{Decimal(price.amount).scaleb(-exponent):.{exponent}f} {price.currency.upper()}"
+
+
+def _exponent(currency: str) -> int:
+    return 0 if currency.lower() in _ZERO_DECIMAL else 2
 
 
 class _Model(BaseModel):
