@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from tests.support.services import free_port
 
 from bench import load
 from bench.broker import acker_ceiling, paho_round_trip
@@ -47,7 +48,6 @@ from bench.services import (
     Database,
     ServerProcess,
     database,
-    free_port,
     http_status,
     mosquitto,
     nodelay_env,

@@ -20,7 +20,8 @@ from typing import IO, Any
 
 import orjson
 import psycopg
-from tests.support.services import PG_URL, Mosquitto, free_port
+from tests.support import server as support_server
+from tests.support.services import PG_URL, Mosquitto
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 
@@ -293,51 +294,15 @@ def http_status(port: int, path: str = "/status", timeout: float = 1.0) -> int |
         conn.close()
 
 
-class ServerProcess:
-    """`python -m insertcoin serve` on a free port, its output in a log file."""
+class ServerProcess(support_server.ServerProcess):
+    """`python -m insertcoin serve` on a free port with production-like timings, its
+    output in a log file."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
-        self.env = {**os.environ, **SERVER_ENV, **env}
-        self.log_path = workdir / f"server-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        super().__init__(env, workdir, base_env=SERVER_ENV)
 
     def start(self, timeout: float = 60.0) -> float:
-        """Start and wait for `/status` 200; returns the seconds that took."""
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port)],
-                env=self.env,
-                cwd=self.workdir,
-                stdout=log,
-                stderr=log,
-            )
-        while http_status(self.port) != 200:
-            if self.process.poll() is not None or time.monotonic() - started > timeout:
-                self.stop()
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"server did not start; {self.log_path}:\n{tail}")
-            time.sleep(0.01)
-        return time.monotonic() - started
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        return super().start(timeout)
 
     def log_summary(self, samples: int = 10) -> dict[str, Any]:
         """Count the server's structured log lines by level and event; keep a few
@@ -345,7 +310,7 @@ class ServerProcess:
         events: Counter[str] = Counter()
         problems: list[str] = []
         other = 0
-        with self.log_path.open("rb") as log:
+        with self.log.open("rb") as log:
             for line in log:
                 try:
                     entry = orjson.loads(line)

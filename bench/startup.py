@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.services import SERVER_ENV, free_port, http_status, mosquitto
+from tests.support.services import free_port
+
+from bench.services import SERVER_ENV, http_status, mosquitto
 from bench.stats import table
 
 TARGET_SECONDS = 0.6

@@ -26,7 +26,7 @@ from insertcoin.server.cabinets.registry import CabinetRegistry
 from insertcoin.server.delivery.events import CabinetEvents, CabinetMessage
 from insertcoin.server.delivery.grants import GrantRequest
 from insertcoin.server.delivery.listener import Listener
-from insertcoin.server.delivery.service import DeliveryService
+from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
 from insertcoin.server.settings import parse_mqtt_url
 from insertcoin.server.store.database import open_database, upgrade
@@ -343,7 +343,7 @@ def test_a_poison_ack_does_not_fail_the_other_messages_of_its_batch(db_url: str)
             )
         )
         with db.write() as conn:
-            pulse = DeliveryService(db, settings, lambda _: None).create(
+            pulse = DeliveryService(db, schedule_of(settings), lambda _: None).create(
                 conn, GrantRequest(A, 1, "comp", "test")
             )
         now = datetime.now(UTC)

@@ -93,6 +93,20 @@ def _add_cabinets(url: str, machine_ids: list[str]) -> None:
             add_cabinet(client, machine_id)
 
 
+def _setting(
+    db_url: str, broker: Mosquitto, prefix: str, tmp_path: Path, machine_ids: list[str], ttl: int
+) -> tuple[ServerProcess, FakeCabinets, Engine]:
+    """A started server process (grants living `ttl` seconds), a cabinet not yet
+    connected, and an engine to read the outcome from the database."""
+    (tmp_path / "server").mkdir()
+    server = ServerProcess(
+        _server_env(db_url, broker, prefix, INSERTCOIN_CREDIT_TTL_SECONDS=str(ttl)),
+        tmp_path / "server",
+    )
+    server.start()
+    return server, FakeCabinets(broker.url, Topics(prefix), machine_ids), _engine(db_url)
+
+
 def _credits_of(index: int) -> int:
     return 1 + index % 5
 
@@ -402,14 +416,7 @@ def test_server_sigkilled_during_grants_loses_and_doubles_nothing(
     rng = random.Random(seed)
     _say(capsys, f"server-kill seed={seed} db={_kind(db_url)}")
     machine_ids = [f"sk{n}" for n in range(4)]
-    (tmp_path / "server").mkdir()
-    server = ServerProcess(
-        _server_env(db_url, broker, prefix, INSERTCOIN_CREDIT_TTL_SECONDS="30"),
-        tmp_path / "server",
-    )
-    server.start()
-    cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
-    engine = _engine(db_url)
+    server, cabinet, engine = _setting(db_url, broker, prefix, tmp_path, machine_ids, ttl=30)
     started = time.monotonic()
     try:
         _add_cabinets(server.url, machine_ids)
@@ -458,14 +465,7 @@ def test_broker_sigkilled_and_wiped_during_grants_loses_and_doubles_nothing(
     rng = random.Random(seed)
     _say(capsys, f"broker-kill seed={seed} db={_kind(db_url)}")
     machine_ids = [f"bk{n}" for n in range(4)]
-    (tmp_path / "server").mkdir()
-    server = ServerProcess(
-        _server_env(db_url, broker, prefix, INSERTCOIN_CREDIT_TTL_SECONDS="60"),
-        tmp_path / "server",
-    )
-    server.start()
-    cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
-    engine = _engine(db_url)
+    server, cabinet, engine = _setting(db_url, broker, prefix, tmp_path, machine_ids, ttl=60)
     faults = max(4, MIN_GRANTS // 75)
     wipe_at = rng.randrange(faults)
     persisted: list[int] = []  # bytes of broker state on disk at each kill

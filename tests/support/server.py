@@ -93,15 +93,28 @@ class ServerThread:
 class ServerProcess:
     """`insertcoin serve` as a child process, for crash and scale-out tests."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        port: int | None = None,
+        base_env: dict[str, str] = FAST,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **FAST, **env}
+        self.env = {**os.environ, **base_env, **env}
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 20.0) -> None:
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 20.0) -> float:
+        """Start and wait for `/status` 200; returns the seconds that took."""
+        started = time.monotonic()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port)],
@@ -110,18 +123,18 @@ class ServerProcess:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + timeout
         while True:
             try:
                 if httpx.get(f"{self.url}/status", timeout=1).status_code == 200:
-                    return
+                    return time.monotonic() - started
             except httpx.HTTPError:
                 pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.process.poll() is not None or time.monotonic() - started > timeout:
+                self.stop()
                 raise RuntimeError(
                     f"server did not start; see {self.log}:\n" + self.log.read_text()[-3000:]
                 )
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def kill(self) -> None:
         if self.process is not None:

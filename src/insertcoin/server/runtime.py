@@ -50,15 +50,16 @@ class Runtime:
             on_connect=lambda: self.dispatcher.broker_connected(),  # noqa: PLW0108
             ca_file=settings.ca_file(),
         )
+        schedule = schedule_of(settings)
         self.dispatcher = Dispatcher(
             self.db,
             self.link,
             self.topics,
-            schedule=schedule_of(settings),
+            schedule=schedule,
             interval=settings.dispatch_interval_seconds,
             config_of=self.registry.config_message,
         )
-        self.delivery = DeliveryService(self.db, settings, self.dispatcher.send)
+        self.delivery = DeliveryService(self.db, schedule, self.dispatcher.send)
 
     def _subscriptions(self) -> list[str]:
         # Acks and game overs are handled once per fleet; statuses are idempotent and

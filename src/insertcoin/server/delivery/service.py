@@ -28,9 +28,11 @@ def schedule_of(settings: Settings) -> grants.Schedule:
 
 
 class DeliveryService:
-    def __init__(self, db: Database, settings: Settings, send: Callable[[CoinPulse], None]) -> None:
+    def __init__(
+        self, db: Database, schedule: grants.Schedule, send: Callable[[CoinPulse], None]
+    ) -> None:
         self._send = send
-        self.schedule = schedule_of(settings)
+        self.schedule = schedule
         self._writer = GrantWriter(db, self.schedule, self.send)
 
     def start(self) -> None:
