@@ -106,6 +106,26 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: Annotated[
         float, Field(gt=0, validation_alias=_env("INSERTCOIN_DISPATCH_INTERVAL_SECONDS"))
     ] = 1.0
+    stripe_api_key: Annotated[
+        SecretStr | None, Field(validation_alias=_env("INSERTCOIN_STRIPE_API_KEY", "STRIPE_API_KEY"))
+    ] = None
+    stripe_webhook_secret: Annotated[
+        SecretStr | None,
+        Field(validation_alias=_env("INSERTCOIN_STRIPE_WEBHOOK_SECRET", "STRIPE_WEBHOOK_SECRET")),
+    ] = None
+    stripe_api_base: Annotated[
+        str | None, Field(validation_alias=_env("INSERTCOIN_STRIPE_API_BASE"))
+    ] = None
+    reconcile_interval_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_RECONCILE_INTERVAL_SECONDS"))
+    ] = 300.0
+    # A flood of scans must not open a flood of Checkout Sessions.
+    pay_rate_per_client: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_PAY_RATE_PER_CLIENT"))
+    ] = 10.0
+    pay_rate_per_cabinet: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_PAY_RATE_PER_CABINET"))
+    ] = 30.0
 
     @field_validator("database_url")
     @classmethod
@@ -134,6 +154,24 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _valid_api_base(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"must be an http(s) URL, got {value!r}")
+            return value.rstrip("/")
+        return value
+
+    @property
+    def payments_mode(self) -> str:
+        """`simulated` (no key: the built-in Stripe stand-in), `stripe-test` or `stripe-live`."""
+        if self.stripe_api_key is None:
+            return "simulated"
+        key = self.stripe_api_key.get_secret_value()
+        return "stripe-live" if key.startswith(("sk_live_", "rk_live_")) else "stripe-test"
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -207,6 +245,16 @@ def load_settings(**overrides: object) -> Settings:
         field = str(err["loc"][0]) if err["loc"] else ""
         name = _ENV_NAMES.get(field, field)
         raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')}") from None
+    if settings.payments_mode != "simulated" and settings.stripe_webhook_secret is None:
+        raise ConfigError(
+            "INSERTCOIN_STRIPE_WEBHOOK_SECRET: required with a Stripe key (the endpoint's "
+            "whsec_... signing secret from the Stripe dashboard)"
+        )
+    if settings.payments_mode == "stripe-live" and not settings.public_url.startswith("https://"):
+        raise ConfigError(
+            "INSERTCOIN_PUBLIC_URL: a live Stripe key needs an https:// public URL "
+            f"(got {settings.public_url})"
+        )
     ca = settings.ca_file()
     if ca is not None and not (ca.is_file() and os.access(ca, os.R_OK)):
         raise ConfigError(f"INSERTCOIN_MQTT_CA_FILE: cannot read {ca}")

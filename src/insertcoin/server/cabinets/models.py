@@ -67,6 +67,8 @@ class _Model(BaseModel):
 
 CabinetName = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 CreditsPerPurchase = Annotated[int, Field(ge=1, le=MAX_CREDITS_PER_PURCHASE)]
+# Checkout's adjustable quantity goes up to 99.
+MaxQuantity = Annotated[int, Field(ge=1, le=99)]
 
 
 class PriceIn(_Model):
@@ -84,12 +86,14 @@ class CabinetCreate(_Model):
     name: CabinetName
     price: PriceIn
     credits_per_purchase: CreditsPerPurchase = 1
+    max_quantity: MaxQuantity = 10
 
 
 class CabinetPatch(_Model):
     name: CabinetName | None = None
     price: PriceIn | None = None
     credits_per_purchase: CreditsPerPurchase | None = None
+    max_quantity: MaxQuantity | None = None
     enabled: bool | None = None
 
 
@@ -104,6 +108,7 @@ class Cabinet(_Model):
     enabled: bool
     price: Price
     credits_per_purchase: int
+    max_quantity: int
     pay_url: str
     online: bool
     state: str | None

@@ -46,6 +46,7 @@ class CabinetRegistry:
             enabled=row["enabled"],
             price=Price(amount=row["price_amount"], currency=row["price_currency"]),
             credits_per_purchase=row["credits_per_purchase"],
+            max_quantity=row["max_quantity"],
             pay_url=self._settings.pay_url(row["machine_id"]),
             online=bool(row["online"]),
             state=row["state"],
@@ -76,6 +77,7 @@ class CabinetRegistry:
                         price_amount=price.amount,
                         price_currency=price.currency,
                         credits_per_purchase=spec.credits_per_purchase,
+                        max_quantity=spec.max_quantity,
                         created_at=now,
                         updated_at=now,
                         config_version=1,
@@ -134,6 +136,8 @@ class CabinetRegistry:
             changes["price_amount"], changes["price_currency"] = price.amount, price.currency
         if patch.credits_per_purchase is not None:
             changes["credits_per_purchase"] = patch.credits_per_purchase
+        if patch.max_quantity is not None:
+            changes["max_quantity"] = patch.max_quantity
         if patch.enabled is not None:
             changes["enabled"] = patch.enabled
         now = utc_now()

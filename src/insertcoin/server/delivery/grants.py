@@ -102,8 +102,9 @@ def _history_row(
 class GrantRequest:
     machine_id: str
     credits: int
-    source: str  # "comp", later "purchase"
+    source: str  # "comp" or "purchase"
     reason: str | None
+    credit_id: str | None = None  # chosen by the caller when it must record it too
 
 
 # Statements on the hot paths are built once: building and hashing a fresh `select()`
@@ -141,7 +142,7 @@ def create_many(
             machine_id=request.machine_id,
             credits=request.credits,
             timestamp=now,
-            credit_id=new_credit_id(),
+            credit_id=request.credit_id or new_credit_id(),
             expires_at=expires_at,
         )
         rows.append(

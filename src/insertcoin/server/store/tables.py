@@ -62,6 +62,8 @@ cabinets = Table(
     Column("price_amount", Integer, nullable=False),
     Column("price_currency", String(3), nullable=False),
     Column("credits_per_purchase", Integer, nullable=False, default=1),
+    # How many purchases one checkout may buy at once (Checkout's adjustable quantity).
+    Column("max_quantity", Integer, nullable=False, default=10, server_default="10"),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     # The retained `config` is an outbox too: published while published < version.
@@ -146,4 +148,69 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# Checkout Sessions this server opened, with the price it put in them: what a paid
+# session is checked against (GUARANTEES G5), whatever the webhook or Stripe says.
+checkouts = Table(
+    "checkouts",
+    metadata,
+    Column("checkout_session_id", String(255), primary_key=True),
+    Column("machine_id", String(64), ForeignKey("cabinets.machine_id"), nullable=False),
+    Column("unit_amount", Integer, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("credits_per_purchase", Integer, nullable=False),
+    Column("max_quantity", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+purchases = Table(
+    "purchases",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    # One purchase per Checkout Session, whatever arrives how often (GUARANTEES G1).
+    Column("checkout_session_id", String(255), nullable=False, unique=True),
+    Column("payment_intent_id", String(255)),
+    Column("machine_id", String(64), ForeignKey("cabinets.machine_id"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("amount", Integer, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("credit_id", String(64), unique=True),
+    # Delayed methods (bank debits) are captured by Stripe at payment: undo = refund.
+    Column("captured_at_payment", Boolean, nullable=False),
+    Column("attention_reason", Text),
+    # A Stripe call still owed (capture, cancel, refund, release): the money outbox.
+    Column("action", String(16)),
+    Column("action_attempts", Integer, nullable=False, default=0),
+    # Bumped after a 5xx that Stripe stored under the old key, so a retry can act.
+    Column("action_key_generation", Integer, nullable=False, default=0),
+    Column("action_due_at", UTCDateTime),
+    Column("action_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_purchases_state", "state"),
+    Index("ix_purchases_action_due_at", "action_due_at"),
+    Index("ix_purchases_machine_id_created_at", "machine_id", "created_at"),
+    Index("ix_purchases_created_at", "created_at"),
+)
+
+# The webhook inbox: an event is stored (durable) before Stripe gets its 200, then
+# processed; the reconciler feeds missed events in here too.
+stripe_events = Table(
+    "stripe_events",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("object_id", String(255), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("via", String(16), nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    # NULL while owed; processing leases it by moving due_at ahead.
+    Column("due_at", UTCDateTime),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("processed_at", UTCDateTime),
+    Column("result", Text),
+    Index("ix_stripe_events_due_at", "due_at"),
 )
