@@ -28,6 +28,7 @@ from insertcoin.server.delivery.grants import GrantRequest
 from insertcoin.server.delivery.listener import Listener
 from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
+from insertcoin.server.payments.service import Payments
 from insertcoin.server.settings import parse_mqtt_url
 from insertcoin.server.store.database import open_database, upgrade
 from insertcoin.server.store.tables import cabinets, gameovers, grants, history, presence
@@ -358,7 +359,8 @@ def test_a_poison_ack_does_not_fail_the_other_messages_of_its_batch(db_url: str)
                 A, Ack(machine_id=A, credit_id=pulse.credit_id, result="applied", timestamp=now)
             ),
         ]
-        Listener(settings.topics(), CabinetEvents(db, Metrics(db))).process(batch)
+        payments = Payments(settings, db, schedule_of(settings), send=lambda _: None)
+        Listener(settings.topics(), CabinetEvents(db, Metrics(db), payments)).process(batch)
         with db.read() as conn:
             state = conn.execute(
                 select(grants.c.state).where(grants.c.credit_id == pulse.credit_id)

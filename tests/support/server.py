@@ -63,9 +63,12 @@ class ServerThread:
     """The real app behind real HTTP, in this process (uvicorn in a thread)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if "public_url" not in settings.model_fields_set:
+            # Pay links, and the simulated Stripe's webhooks, must reach this server.
+            settings = settings.model_copy(update={"public_url": self.url})
+        self.settings = settings
         self.runtime = Runtime(settings)
         self.runtime.start()
         config = uvicorn.Config(

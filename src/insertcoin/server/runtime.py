@@ -13,6 +13,7 @@ from insertcoin.server.delivery.listener import Listener
 from insertcoin.server.delivery.mqtt import MqttLink
 from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
+from insertcoin.server.payments.service import Payments
 from insertcoin.server.settings import (
     DEFAULT_MQTT_HOST,
     DEFAULT_MQTT_PORT,
@@ -31,7 +32,15 @@ class Runtime:
         self.db = open_database(settings.sqlalchemy_url)
         self.metrics = Metrics(self.db)
         self.registry = CabinetRegistry(self.db, settings)
-        self.events = CabinetEvents(self.db, self.metrics)
+        schedule = schedule_of(settings)
+        # The dispatcher is built below and publishes for payments too: bind late.
+        self.payments = Payments(
+            settings,
+            self.db,
+            schedule,
+            send=lambda pulse: self.dispatcher.send(pulse),  # noqa: PLW0108
+        )
+        self.events = CabinetEvents(self.db, self.metrics, self.payments)
         self.listener = Listener(self.topics, self.events)
         self.broker: EmbeddedBroker | None = None
         self.admin: AdminToken | None = None
@@ -50,7 +59,6 @@ class Runtime:
             on_connect=lambda: self.dispatcher.broker_connected(),  # noqa: PLW0108
             ca_file=settings.ca_file(),
         )
-        schedule = schedule_of(settings)
         self.dispatcher = Dispatcher(
             self.db,
             self.link,
@@ -58,6 +66,7 @@ class Runtime:
             schedule=schedule,
             interval=settings.dispatch_interval_seconds,
             config_of=self.registry.config_message,
+            follower=self.payments,
         )
         self.delivery = DeliveryService(self.db, schedule, self.dispatcher.send)
 
@@ -94,8 +103,10 @@ class Runtime:
         if not self.link.wait_connected(connect_timeout):
             log.warning("mqtt_not_connected_yet", broker=self.link.target.display())
         self.dispatcher.start()
+        self.payments.start()
 
     def stop(self) -> None:
+        self.payments.stop()
         self.dispatcher.stop()
         self.delivery.stop()
         self.link.stop()

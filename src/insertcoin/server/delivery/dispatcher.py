@@ -35,6 +35,7 @@ class Dispatcher:
         schedule: grants.Schedule,
         interval: float,
         config_of: Callable[..., CabinetConfig],
+        follower: grants.GrantFollower,
     ) -> None:
         self._db = db
         self._link = link
@@ -42,6 +43,7 @@ class Dispatcher:
         self._schedule = schedule
         self._interval = interval
         self._config_of = config_of
+        self._follower = follower
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._republish_configs = threading.Event()
@@ -83,9 +85,14 @@ class Dispatcher:
         sent = 0
         while True:
             with self._db.write() as conn:
+                now = utc_now()
                 claim = grants.claim_due(
-                    conn, utc_now(), self._schedule, _BATCH, only_expired=not sending
+                    conn, now, self._schedule, _BATCH, only_expired=not sending
                 )
+                if claim.expired:
+                    self._follower.follow(conn, [c for _, c in claim.expired], now)
+            if claim.expired:
+                self._follower.committed()
             for machine_id, credit_id in claim.expired:
                 log.info("grant_expired", machineId=machine_id, creditId=credit_id)
             for pulse in claim.pulses:

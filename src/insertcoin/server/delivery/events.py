@@ -26,6 +26,8 @@ _MODELS: dict[TopicKind, type[Ack | Status | GameOver]] = {
 }
 
 
+_SETTLING = frozenset([grants.APPLIED, grants.REJECTED, "applied_late"])
+
 # Built once: a fresh select() costs more to build and hash than to run.
 _KNOWN = select(cabinets.c.machine_id).where(
     cabinets.c.machine_id.in_(bindparam("ids", expanding=True))
@@ -55,9 +57,10 @@ def decode(topics: Topics, topic: str, payload: bytes) -> CabinetMessage:
 
 
 class CabinetEvents:
-    def __init__(self, db: Database, metrics: Metrics) -> None:
+    def __init__(self, db: Database, metrics: Metrics, follower: grants.GrantFollower) -> None:
         self._db = db
         self._metrics = metrics
+        self._follower = follower
 
     def check(self) -> None:
         """Raise if the database does not answer."""
@@ -68,6 +71,7 @@ class CabinetEvents:
         committed). Messages from unknown cabinets are logged and ignored."""
         now = utc_now()
         logs: list[tuple[str, dict[str, Any]]] = []
+        settled: list[str] = []
         with self._db.write() as conn:
             ids = sorted({m.machine_id for m in batch})
             known = set(conn.execute(_KNOWN, {"ids": ids}).scalars())
@@ -103,6 +107,11 @@ class CabinetEvents:
                     )
                     logs.append(("game_over", {**fields, "creditsLeft": message.credits_left}))
             outcomes = grants.apply_acks(conn, acks, now) if acks else []
+            settled = [o.credit_id for o in outcomes if o.event in _SETTLING]
+            if settled:
+                self._follower.follow(conn, settled, now)
+        if settled:
+            self._follower.committed()
         for event, fields in logs:
             log.info(event, **fields)
         for outcome in outcomes:

@@ -13,7 +13,7 @@ the log never tells of a change that was rolled back.
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, RowMapping, bindparam, insert, select, update
 
@@ -96,6 +96,16 @@ def _history_row(
         "detail": detail,
         "at": now,
     }
+
+
+class GrantFollower(Protocol):
+    """Whatever hangs on a grant's outcome (a purchase's money). `follow` runs inside the
+    transaction that settled the grants, so the two never disagree after a crash;
+    `committed` runs after that transaction committed."""
+
+    def follow(self, conn: Connection, credit_ids: list[str], now: datetime) -> None: ...
+
+    def committed(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import structlog
 
 from insertcoin.protocol.errors import ProtocolError
 from insertcoin.protocol.topics import Topics
-from insertcoin.server.delivery.batches import batches
 from insertcoin.server.delivery.events import CabinetEvents, CabinetMessage, decode
+from insertcoin.server.store.batches import batches
 
 log = structlog.get_logger(__name__)
 

@@ -11,9 +11,9 @@ from sqlalchemy import Connection
 from insertcoin.protocol.messages import CoinPulse
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.delivery import grants
-from insertcoin.server.delivery.writer import GrantWriter
 from insertcoin.server.settings import Settings
 from insertcoin.server.store.database import Database
+from insertcoin.server.store.group_commit import GroupCommit
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,14 @@ class DeliveryService:
     ) -> None:
         self._send = send
         self.schedule = schedule
-        self._writer = GrantWriter(db, self.schedule, self.send)
+        self._writer: GroupCommit[grants.GrantRequest, CoinPulse] = GroupCommit(
+            db,
+            "grant_writer",
+            lambda conn, requests: grants.create_many(
+                conn, requests, now=utc_now(), schedule=self.schedule
+            ),
+            after=self.send,
+        )
 
     def start(self) -> None:
         self._writer.start()

@@ -97,7 +97,9 @@ def _session(data: dict[str, Any]) -> CheckoutSession:
         currency=data.get("currency"),
         amount_total=data.get("amount_total"),
         quantity=sum(int(item.get("quantity") or 0) for item in items),
-        unit_amounts=tuple(int((item.get("price") or {}).get("unit_amount") or 0) for item in items),
+        unit_amounts=tuple(
+            int((item.get("price") or {}).get("unit_amount") or 0) for item in items
+        ),
         payment_intent=_pi(intent) if isinstance(intent, dict) else None,
         url=data.get("url"),
     )
@@ -136,7 +138,9 @@ class StripeGateway:
         try:
             return call(client)
         except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
-            raise StripeUnavailable(f"{action}: {exc.user_message or exc}", exc.http_status) from None
+            raise StripeUnavailable(
+                f"{action}: {exc.user_message or exc}", exc.http_status
+            ) from None
         except stripe.StripeError as exc:
             status = exc.http_status
             message = f"{action}: {exc.user_message or exc}"

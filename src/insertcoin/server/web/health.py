@@ -25,6 +25,7 @@ def status(runtime: RuntimeDep) -> JSONResponse:
         "status": "up" if healthy else "degraded",
         "message": "API is running" if healthy else "API is running with failed checks",
         "checks": checks,
+        "payments": runtime.payments.mode,
         "version": __version__,
     }
     return JSONResponse(body, status_code=200 if healthy else 503)

@@ -69,9 +69,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_purchases_state", "purchases", ["state"])
     op.create_index("ix_purchases_action_due_at", "purchases", ["action_due_at"])
-    op.create_index(
-        "ix_purchases_machine_id_created_at", "purchases", ["machine_id", "created_at"]
-    )
+    op.create_index("ix_purchases_machine_id_created_at", "purchases", ["machine_id", "created_at"])
     op.create_index("ix_purchases_created_at", "purchases", ["created_at"])
     op.create_table(
         "stripe_events",

@@ -1,0 +1,100 @@
+"""The Stripe event inbox: events stored durably before Stripe gets its 200 (or when the
+reconciler finds them), then processed. Keyed on the event id, so a redelivered or
+re-listed event is stored once."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from insertcoin.server.store.tables import stripe_events
+
+COMPLETED = "checkout.session.completed"
+ASYNC_SUCCEEDED = "checkout.session.async_payment_succeeded"
+ASYNC_FAILED = "checkout.session.async_payment_failed"
+EXPIRED = "checkout.session.expired"
+# The events that can start a purchase, or say why none will come.
+HANDLED = (COMPLETED, ASYNC_SUCCEEDED, ASYNC_FAILED, EXPIRED)
+PAYING = (COMPLETED, ASYNC_SUCCEEDED)
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    id: str
+    type: str
+    object_id: str  # the Checkout Session
+    created: int
+    via: str = "webhook"  # or "reconcile"
+    attempts: int = 1
+
+
+def store(
+    conn: Connection, events: list[InboxEvent], now: datetime, lease: timedelta
+) -> list[InboxEvent]:
+    """Store events not seen before; returns those, leased to the caller for processing."""
+    if not events:
+        return []
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    rows = [
+        {
+            "id": e.id,
+            "type": e.type,
+            "object_id": e.object_id,
+            "created": e.created,
+            "via": e.via,
+            "received_at": now,
+            "due_at": now + lease,
+            "attempts": 1,
+        }
+        for e in events
+    ]
+    stmt = (
+        dialect.insert(stripe_events)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(stripe_events.c.id)
+    )
+    new = set(conn.execute(stmt).scalars())
+    return [e for e in events if e.id in new]
+
+
+def claim_due(conn: Connection, now: datetime, lease: timedelta, limit: int) -> list[InboxEvent]:
+    """Unprocessed events whose lease ran out (their process died, or a retry is due)."""
+    rows = (
+        conn.execute(
+            select(stripe_events)
+            .where(stripe_events.c.due_at <= now)
+            .order_by(stripe_events.c.due_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .mappings()
+        .all()
+    )
+    for row in rows:
+        conn.execute(
+            update(stripe_events)
+            .where(stripe_events.c.id == row["id"])
+            .values(due_at=now + lease, attempts=row["attempts"] + 1)
+        )
+    return [
+        InboxEvent(r["id"], r["type"], r["object_id"], r["created"], r["via"], r["attempts"] + 1)
+        for r in rows
+    ]
+
+
+def processed(conn: Connection, event_id: str, now: datetime, result: str) -> None:
+    conn.execute(
+        update(stripe_events)
+        .where(stripe_events.c.id == event_id)
+        .values(due_at=None, processed_at=now, result=result[:500])
+    )
+
+
+def retry(conn: Connection, event_id: str, due: datetime, error: str) -> None:
+    conn.execute(
+        update(stripe_events)
+        .where(stripe_events.c.id == event_id)
+        .values(due_at=due, result=error[:500])
+    )

@@ -1,0 +1,560 @@
+"""Purchases: one per paid Checkout Session, and the money that follows its grant.
+
+    authorized ──grant applied──> (capture) ──> credited
+        │ └──grant rejected/expired──> (cancel | refund) ──> voided | refunded
+        └──amounts or cabinet don't match the server's records──> needs_attention
+    voided | refunded ──cabinet applied it after all──> needs_attention
+
+A Stripe call that is owed is written down first (`action`, a money outbox) and made
+by the settlement worker, so a crash between deciding and calling loses nothing.
+Functions here never log and never call Stripe: the callers log after commit.
+"""
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, and_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from insertcoin.protocol.ids import new_credit_id
+from insertcoin.protocol.messages import CoinPulse
+from insertcoin.server.delivery import grants
+from insertcoin.server.errors import Conflict, NotFound
+from insertcoin.server.payments.gateway import CheckoutSession
+from insertcoin.server.store import history
+from insertcoin.server.store.tables import cabinets, checkouts, purchases
+from insertcoin.server.store.tables import grants as grants_table
+
+AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION = (
+    "authorized",
+    "credited",
+    "voided",
+    "refunded",
+    "needs_attention",
+)
+STATES = (AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION)
+# Stripe calls: capture an authorization, cancel it, refund a captured payment, or
+# `release` (operator's refund: cancel or refund, whichever the payment's state needs).
+CAPTURE, CANCEL, REFUND, RELEASE = "capture", "cancel", "refund", "release"
+
+# Payment states in which the money is held for us: authorized, or already captured.
+_HELD = {"requires_capture": False, "succeeded": True}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    event: str  # created | duplicate | needs_attention | undeliverable | ignored
+    purchase_id: str | None = None
+    machine_id: str | None = None
+    pulse: CoinPulse | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """What the server itself asked for: the cabinet and price it put in the session."""
+
+    machine_id: str
+    unit_amount: int
+    currency: str
+    credits_per_purchase: int
+    max_quantity: int
+
+
+def _terms(conn: Connection, session: CheckoutSession) -> _Terms | None:
+    row = (
+        conn.execute(select(checkouts).where(checkouts.c.checkout_session_id == session.id))
+        .mappings()
+        .first()
+    )
+    if row is not None:
+        return _Terms(
+            row["machine_id"],
+            row["unit_amount"],
+            row["currency"],
+            row["credits_per_purchase"],
+            row["max_quantity"],
+        )
+    # A session this server did not open (e.g. a Payment Link made in Stripe's dashboard
+    # for the prototype): held against the cabinet's current price.
+    machine_id = session.machine_id or session.client_reference_id
+    if machine_id is None:
+        return None
+    cabinet = (
+        conn.execute(select(cabinets).where(cabinets.c.machine_id == machine_id)).mappings().first()
+    )
+    if cabinet is None:
+        return None
+    return _Terms(
+        machine_id,
+        cabinet["price_amount"],
+        cabinet["price_currency"],
+        cabinet["credits_per_purchase"],
+        cabinet["max_quantity"],
+    )
+
+
+def _mismatches(session: CheckoutSession, terms: _Terms) -> list[str]:
+    """Where what Stripe reports differs from what the server asked for (G5)."""
+    intent = session.payment_intent
+    assert intent is not None
+    found: list[str] = []
+    if session.machine_id is not None and session.machine_id != terms.machine_id:
+        found.append(f"session is for cabinet {session.machine_id!r}")
+    if session.client_reference_id not in (None, terms.machine_id):
+        found.append(f"client_reference_id is {session.client_reference_id!r}")
+    if intent.metadata.get("machine_id") not in (None, terms.machine_id):
+        found.append(f"payment is for cabinet {intent.metadata.get('machine_id')!r}")
+    if session.currency != terms.currency or intent.currency != terms.currency:
+        found.append(f"currency {session.currency!r}, expected {terms.currency!r}")
+    if not 1 <= session.quantity <= terms.max_quantity:
+        found.append(f"quantity {session.quantity} outside 1..{terms.max_quantity}")
+    if any(unit != terms.unit_amount for unit in session.unit_amounts) or not session.unit_amounts:
+        found.append(f"unit price {session.unit_amounts}, expected {terms.unit_amount}")
+    expected = terms.unit_amount * session.quantity
+    if session.amount_total != expected or intent.amount != expected:
+        found.append(f"amount {session.amount_total}/{intent.amount}, expected {expected}")
+    return found
+
+
+def _insert_ignore(conn: Connection, row: dict[str, Any]) -> bool:
+    """Insert unless a purchase of this Checkout Session exists; True if inserted."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(purchases).values(**row).on_conflict_do_nothing()
+    return conn.execute(stmt).rowcount == 1
+
+
+def _history(
+    conn: Connection,
+    row: RowMapping | dict[str, Any],
+    event: str,
+    to: str | None,
+    now: datetime,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    history.record(
+        conn,
+        subject="purchase",
+        subject_id=row["id"],
+        machine_id=row["machine_id"],
+        event=event,
+        from_state=row.get("state"),
+        to_state=to,
+        detail=detail,
+        at=now,
+    )
+
+
+def record(  # noqa: PLR0911 - one return per outcome, each with its reason
+    conn: Connection, session: CheckoutSession, *, now: datetime, schedule: grants.Schedule
+) -> Recorded:
+    """Record a paid session as a purchase with its grant, in the caller's transaction.
+
+    Keyed on the session id: any later call for the same session is a `duplicate`.
+    """
+    intent = session.payment_intent
+    if session.status != "complete" or intent is None:
+        return Recorded("ignored", reason=f"session is {session.status}, not complete")
+    if intent.status not in _HELD:
+        return Recorded("ignored", reason=f"payment is {intent.status}")
+    terms = _terms(conn, session)
+    if terms is None:
+        return Recorded("ignored", reason="not a payment for a known cabinet")
+    problems = _mismatches(session, terms)
+    row: dict[str, Any] = {
+        "id": "pu_" + secrets.token_hex(12),
+        "checkout_session_id": session.id,
+        "payment_intent_id": intent.id,
+        "machine_id": terms.machine_id,
+        "state": NEEDS_ATTENTION if problems else AUTHORIZED,
+        "amount": intent.amount,
+        "currency": intent.currency,
+        "quantity": session.quantity,
+        "credits": session.quantity * terms.credits_per_purchase,
+        "credit_id": None if problems else new_credit_id(),
+        "captured_at_payment": _HELD[intent.status],
+        "attention_reason": "; ".join(problems) or None,
+        "action_attempts": 0,
+        "action_key_generation": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if not _insert_ignore(conn, row):
+        existing = conn.execute(
+            select(purchases.c.id).where(purchases.c.checkout_session_id == session.id)
+        ).scalar_one()
+        return Recorded("duplicate", existing, terms.machine_id)
+    detail = {"checkoutSessionId": session.id, "paymentIntentId": intent.id}
+    _history(conn, {**row, "state": None}, "created", row["state"], now, detail)
+    if problems:
+        return Recorded(
+            "needs_attention", row["id"], terms.machine_id, reason=row["attention_reason"]
+        )
+    request = grants.GrantRequest(
+        terms.machine_id, row["credits"], "purchase", row["id"], credit_id=row["credit_id"]
+    )
+    [result] = grants.create_many(conn, [request], now=now, schedule=schedule)
+    if isinstance(result, CoinPulse):
+        return Recorded("created", row["id"], terms.machine_id, pulse=result)
+    # Paid for a cabinet disabled since: nothing can be delivered, give the money back.
+    action = REFUND if row["captured_at_payment"] else CANCEL
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == row["id"])
+        .values(credit_id=None, action=action, action_due_at=now)
+    )
+    _history(conn, row, "undeliverable", None, now, {"reason": str(result), "action": action})
+    return Recorded("undeliverable", row["id"], terms.machine_id, reason=str(result))
+
+
+def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int:
+    """Let purchases follow their grants once settled, in the same transaction that
+    settled them: applied → capture (or credited, if captured at payment); rejected or
+    expired → cancel (or refund); applied after a void → needs_attention. Returns how
+    many purchases now owe a Stripe call."""
+    if not credit_ids:
+        return 0
+    rows = (
+        conn.execute(
+            select(purchases, grants_table.c.state.label("grant_state"))
+            .join(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
+            .where(purchases.c.credit_id.in_(credit_ids))
+            .order_by(purchases.c.id)
+            .with_for_update(of=purchases)
+        )
+        .mappings()
+        .all()
+    )
+    owed = 0
+    for row in rows:
+        grant_state = row["grant_state"]
+        if row["state"] == AUTHORIZED and row["action"] is None:
+            if grant_state == grants.APPLIED:
+                if row["captured_at_payment"]:
+                    _set_state(conn, row, CREDITED, now, "credited")
+                    continue
+                _owe(conn, row, CAPTURE, now)
+            elif grant_state in (grants.REJECTED, grants.EXPIRED):
+                _owe(conn, row, REFUND if row["captured_at_payment"] else CANCEL, now)
+            else:
+                continue
+            owed += 1
+        elif row["state"] in (VOIDED, REFUNDED) and grant_state == grants.APPLIED:
+            _attention(
+                conn, row, now, f"the cabinet applied the credits after the {row['state']} payment"
+            )
+    return owed
+
+
+def _owe(conn: Connection, row: RowMapping, action: str, now: datetime) -> None:
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == row["id"])
+        .values(action=action, action_due_at=now, action_error=None, updated_at=now)
+    )
+    _history(conn, row, f"{action}_owed", None, now)
+
+
+def _set_state(
+    conn: Connection,
+    row: RowMapping | dict[str, Any],
+    state: str,
+    now: datetime,
+    event: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == row["id"])
+        .values(state=state, action=None, action_due_at=None, action_error=None, updated_at=now)
+    )
+    _history(conn, row, event, state, now, detail)
+
+
+def _attention(
+    conn: Connection, row: RowMapping | dict[str, Any], now: datetime, reason: str
+) -> None:
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == row["id"])
+        .values(
+            state=NEEDS_ATTENTION,
+            attention_reason=reason,
+            action=None,
+            action_due_at=None,
+            updated_at=now,
+        )
+    )
+    _history(conn, row, "needs_attention", NEEDS_ATTENTION, now, {"reason": reason})
+
+
+# The money outbox -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A Stripe call claimed for making: idempotency key derived from what it acts on."""
+
+    purchase_id: str
+    machine_id: str
+    action: str
+    payment_intent_id: str
+    generation: int
+    attempts: int
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"insertcoin-{self.action}-{self.purchase_id}-{self.generation}"
+
+
+def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) -> list[Owed]:
+    """Take due Stripe calls, leased so no other process makes them meanwhile.
+
+    A cancel or refund owed for a grant that has since been applied (a late ack before
+    the call was made) turns into a capture: the cabinet gave the game, so charge it.
+    """
+    rows = (
+        conn.execute(
+            select(purchases, grants_table.c.state.label("grant_state"))
+            .outerjoin(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
+            .where(purchases.c.action_due_at <= now)
+            .order_by(purchases.c.action_due_at)
+            .limit(limit)
+            .with_for_update(of=purchases, skip_locked=True)
+        )
+        .mappings()
+        .all()
+    )
+    owed: list[Owed] = []
+    for row in rows:
+        action = row["action"]
+        if (
+            action in (CANCEL, REFUND)
+            and row["state"] == AUTHORIZED
+            and row["grant_state"] == grants.APPLIED
+        ):
+            if row["captured_at_payment"]:
+                _set_state(conn, row, CREDITED, now, "credited")
+                continue
+            action = CAPTURE
+            _history(conn, row, "capture_owed", None, now, {"instead_of": row["action"]})
+        conn.execute(
+            update(purchases)
+            .where(purchases.c.id == row["id"])
+            .values(
+                action=action,
+                action_due_at=now + lease,
+                action_attempts=row["action_attempts"] + 1,
+            )
+        )
+        owed.append(
+            Owed(
+                row["id"],
+                row["machine_id"],
+                action,
+                row["payment_intent_id"],
+                row["action_key_generation"],
+                row["action_attempts"] + 1,
+            )
+        )
+    return owed
+
+
+def _current(conn: Connection, owed: Owed) -> RowMapping | None:
+    """The purchase, locked, if it still owes this very call."""
+    return (
+        conn.execute(
+            select(purchases, grants_table.c.state.label("grant_state"))
+            .outerjoin(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
+            .where(and_(purchases.c.id == owed.purchase_id, purchases.c.action == owed.action))
+            .with_for_update(of=purchases)
+        )
+        .mappings()
+        .first()
+    )
+
+
+def settled(conn: Connection, owed: Owed, outcome: str, now: datetime) -> str | None:
+    """The Stripe call took effect: `outcome` is captured, canceled or refunded. Returns
+    the purchase's new state (None if the purchase no longer owed this call)."""
+    row = _current(conn, owed)
+    if row is None:
+        return None
+    if outcome == "captured":
+        _set_state(conn, row, CREDITED, now, "credited")
+        return CREDITED
+    state = VOIDED if outcome == "canceled" else REFUNDED
+    _set_state(conn, row, state, now, state)
+    if row["grant_state"] == grants.APPLIED and row["state"] == AUTHORIZED:
+        _attention(
+            conn,
+            {**row, "state": state},
+            now,
+            f"the cabinet applied the credits after the {state} payment",
+        )
+        return NEEDS_ATTENTION
+    return state
+
+
+def retry_later(
+    conn: Connection, owed: Owed, now: datetime, delay: timedelta, error: str, *, new_key: bool
+) -> None:
+    """The call failed: try again after `delay`; with `new_key` under a fresh idempotency
+    key (Stripe keeps a 5xx under the old one, and the re-read showed no effect)."""
+    row = _current(conn, owed)
+    if row is None:
+        return
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == owed.purchase_id)
+        .values(
+            action_due_at=now + delay,
+            action_error=error[:500],
+            action_key_generation=row["action_key_generation"] + (1 if new_key else 0),
+            updated_at=now,
+        )
+    )
+    _history(
+        conn,
+        row,
+        f"{owed.action}_failed",
+        None,
+        now,
+        {"error": error[:500], "attempt": owed.attempts},
+    )
+
+
+def switch(conn: Connection, owed: Owed, action: str, now: datetime, why: str) -> None:
+    """Owe a different call instead (e.g. a refund where a cancel found it captured)."""
+    row = _current(conn, owed)
+    if row is None:
+        return
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == owed.purchase_id)
+        .values(action=action, action_due_at=now, action_error=None, updated_at=now)
+    )
+    _history(conn, row, f"{action}_owed", None, now, {"instead_of": owed.action, "why": why})
+
+
+def give_up(conn: Connection, owed: Owed, now: datetime, reason: str) -> None:
+    """The call cannot succeed (e.g. capture on a canceled authorization): the operator
+    decides."""
+    row = _current(conn, owed)
+    if row is not None:
+        _attention(conn, row, now, reason)
+
+
+# Operator ------------------------------------------------------------------------------
+
+
+def request_refund(conn: Connection, purchase_id: str, now: datetime) -> bool:
+    """Owe the player their money back (idempotent). True if a call is now owed."""
+    row = (
+        conn.execute(select(purchases).where(purchases.c.id == purchase_id).with_for_update())
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"no purchase {purchase_id!r}")
+    if row["state"] in (VOIDED, REFUNDED) or row["action"] in (REFUND, RELEASE):
+        return False
+    if row["state"] == AUTHORIZED and row["action"] != CAPTURE:
+        raise Conflict(
+            "the credits are still being delivered; the payment is released by itself if "
+            "they are not, refund it once it is credited"
+        )
+    conn.execute(
+        update(purchases)
+        .where(purchases.c.id == purchase_id)
+        .values(action=RELEASE, action_due_at=now, action_error=None, updated_at=now)
+    )
+    _history(conn, row, "refund_requested", None, now, {"by": "operator"})
+    return True
+
+
+# Views ---------------------------------------------------------------------------------
+
+_VIEW = select(purchases, grants_table.c.state.label("grant_state")).outerjoin(
+    grants_table, grants_table.c.credit_id == purchases.c.credit_id
+)
+
+
+def _view(conn: Connection, row: RowMapping, *, with_history: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": row["id"],
+        "machineId": row["machine_id"],
+        "state": row["state"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "quantity": row["quantity"],
+        "credits": row["credits"],
+        "checkoutSessionId": row["checkout_session_id"],
+        "paymentIntentId": row["payment_intent_id"],
+        "creditId": row["credit_id"],
+        "grantState": row["grant_state"],
+        "pendingAction": row["action"],
+        "actionError": row["action_error"],
+        "attentionReason": row["attention_reason"],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+    }
+    if with_history:
+        view["history"] = history.entries(conn, "purchase", row["id"])
+    return view
+
+
+def get(conn: Connection, purchase_id: str) -> dict[str, Any]:
+    row = conn.execute(_VIEW.where(purchases.c.id == purchase_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"no purchase {purchase_id!r}")
+    return _view(conn, row, with_history=True)
+
+
+def find(
+    conn: Connection,
+    *,
+    machine_id: str | None,
+    state: str | None,
+    since: datetime | None,
+    before: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Newest first; `before` (a purchase id from the previous page) pages on."""
+    query = _VIEW
+    if machine_id is not None:
+        query = query.where(purchases.c.machine_id == machine_id)
+    if state is not None:
+        query = query.where(purchases.c.state == state)
+    if since is not None:
+        query = query.where(purchases.c.created_at >= since)
+    if before is not None:
+        anchor = conn.execute(
+            select(purchases.c.created_at).where(purchases.c.id == before)
+        ).scalar()
+        if anchor is None:
+            raise NotFound(f"no purchase {before!r} to page from")
+        query = query.where(
+            (purchases.c.created_at < anchor)
+            | and_(purchases.c.created_at == anchor, purchases.c.id < before)
+        )
+    rows = conn.execute(
+        query.order_by(purchases.c.created_at.desc(), purchases.c.id.desc()).limit(limit)
+    ).mappings()
+    return [_view(conn, row, with_history=False) for row in rows]
+
+
+def of_session(conn: Connection, machine_id: str, session_id: str) -> dict[str, Any] | None:
+    """What the player's success page shows; None until the payment is recorded."""
+    row = (
+        conn.execute(
+            _VIEW.where(
+                purchases.c.checkout_session_id == session_id, purchases.c.machine_id == machine_id
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else _view(conn, row, with_history=False)
