@@ -7,9 +7,27 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from insertcoin import __version__
+from insertcoin.server.payments.service import STANDIN_PATH
 from insertcoin.server.runtime import Runtime
 from insertcoin.server.settings import Settings
-from insertcoin.server.web import cabinet_routes, errors, health, operator
+from insertcoin.server.web import (
+    cabinet_routes,
+    errors,
+    health,
+    operator,
+    pay_links,
+    pay_pages,
+    purchases_api,
+    webhooks,
+)
+
+
+def _attach(app: FastAPI, runtime: Runtime) -> None:
+    app.state.runtime = runtime
+    standin = runtime.payments.standin
+    if standin is not None:
+        # Simulated payments: the local Stripe is served by this very server.
+        app.mount(STANDIN_PATH, standin.app)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
@@ -18,12 +36,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if runtime is not None:
-            app.state.runtime = runtime
+            _attach(app, runtime)
             yield
             return
         owned = Runtime(settings)
         owned.start()
-        app.state.runtime = owned
+        _attach(app, owned)
         try:
             yield
         finally:
@@ -36,6 +54,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimit)
-    for module in (health, cabinet_routes, operator):
+    routers = (health, cabinet_routes, operator, pay_links, pay_pages, purchases_api, webhooks)
+    for module in routers:
         app.include_router(module.router)
     return app

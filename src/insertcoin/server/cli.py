@@ -16,6 +16,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 cabinet_app = typer.Typer(help="Register and inspect cabinets.", no_args_is_help=True)
 broker_app = typer.Typer(help="Configure an MQTT broker for your cabinets.", no_args_is_help=True)
+payments_app = typer.Typer(help="Stripe payments.", no_args_is_help=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -91,11 +92,19 @@ def serve(
         runtime.stop()
 
 
+def _payments_line(runtime: Any) -> str:
+    mode: str = runtime.payments.mode
+    if mode == "simulated":
+        return "simulated (no INSERTCOIN_STRIPE_API_KEY: a local Stripe stand-in, test cards only)"
+    return mode
+
+
 def _banner(runtime: Any, host: str, port: int) -> None:
     lines = [
         f"insertcoin serving on http://{host}:{port}  (public URL {runtime.settings.public_url})",
         f"  database: {runtime.db.describe()}",
         f"  broker:   {runtime.broker_description}",
+        f"  payments: {_payments_line(runtime)}",
         f"  API docs: http://{host}:{port}/docs",
     ]
     if runtime.admin.new_token:
@@ -224,6 +233,43 @@ def cabinet_disable(machine_id: str) -> None:
     typer.echo(f"cabinet {machine_id} disabled")
 
 
+@cabinet_app.command("qr")
+@_friendly
+def cabinet_qr(
+    machine_id: str,
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="Sticker file to write: .png, .svg or .pdf (A6)."),
+    ],
+) -> None:
+    """Write a printable sticker with the cabinet's QR code, name and price."""
+    configure_logs("warning")
+    fmt = out.suffix.lower().lstrip(".")
+    supported = ("png", "svg", "pdf")
+    if fmt not in supported:
+        raise _fail(
+            f"cannot write {out.name!r}: use a file name ending in "
+            + ", ".join(f".{ext}" for ext in supported)
+        )
+    settings, _, registry = _store()
+    cabinet = registry.get(machine_id)
+    from insertcoin.server.cabinets import qr  # noqa: PLC0415
+
+    data = qr.sticker(cabinet, cabinet.pay_url, fmt)
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {out}  (sticker for {cabinet.machine_id}; QR → {cabinet.pay_url})")
+    if "public_url" not in settings.model_fields_set:
+        typer.secho(
+            "warning: INSERTCOIN_PUBLIC_URL is not set, so the QR points at "
+            f"{settings.public_url}; set it to the server's public address before printing",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+
+
 @broker_app.command("mosquitto-config")
 @_friendly
 def broker_mosquitto_config(
@@ -253,8 +299,29 @@ def broker_mosquitto_config(
     )
 
 
+@payments_app.command("reconcile")
+@_friendly
+def payments_reconcile() -> None:
+    """Page through Stripe's events since the last run and record any purchase whose
+    webhook never arrived (`serve` also does this periodically)."""
+    configure_logs("warning")
+    from insertcoin.server.delivery.service import schedule_of  # noqa: PLC0415
+    from insertcoin.server.payments.gateway import StripeRefused, StripeUnavailable  # noqa: PLC0415
+    from insertcoin.server.payments.service import Payments  # noqa: PLC0415
+
+    settings, db, _ = _store()
+    # Grants recorded here are published by the running server's dispatcher.
+    payments = Payments(settings, db, schedule_of(settings), send=lambda _: None)
+    try:
+        missed = payments.intake.reconcile()
+    except (StripeUnavailable, StripeRefused) as exc:
+        raise _fail(f"could not reach Stripe ({payments.mode}): {exc}") from None
+    typer.echo(f"reconciled with Stripe ({payments.mode}): {missed} missed event(s) recorded")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(serve)
     app.add_typer(db_app, name="db")
     app.add_typer(cabinet_app, name="cabinet")
     app.add_typer(broker_app, name="broker")
+    app.add_typer(payments_app, name="payments")

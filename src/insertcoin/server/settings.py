@@ -107,7 +107,8 @@ class Settings(BaseSettings):
         float, Field(gt=0, validation_alias=_env("INSERTCOIN_DISPATCH_INTERVAL_SECONDS"))
     ] = 1.0
     stripe_api_key: Annotated[
-        SecretStr | None, Field(validation_alias=_env("INSERTCOIN_STRIPE_API_KEY", "STRIPE_API_KEY"))
+        SecretStr | None,
+        Field(validation_alias=_env("INSERTCOIN_STRIPE_API_KEY", "STRIPE_API_KEY")),
     ] = None
     stripe_webhook_secret: Annotated[
         SecretStr | None,
