@@ -1,0 +1,1 @@
+"""Payments: Stripe Checkout, webhooks, capture and refunds."""
