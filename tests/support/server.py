@@ -62,8 +62,8 @@ def add_cabinet(admin: httpx.Client, machine_id: str) -> dict[str, Any]:
 class ServerThread:
     """The real app behind real HTTP, in this process (uvicorn in a thread)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if "public_url" not in settings.model_fields_set:
             # Pay links, and the simulated Stripe's webhooks, must reach this server.

@@ -122,8 +122,13 @@ def _mismatches(session: CheckoutSession, terms: _Terms) -> list[str]:
 def _insert_ignore(conn: Connection, row: dict[str, Any]) -> bool:
     """Insert unless a purchase of this Checkout Session exists; True if inserted."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(purchases).values(**row).on_conflict_do_nothing()
-    return conn.execute(stmt).rowcount == 1
+    stmt = (
+        dialect.insert(purchases)
+        .values(**row)
+        .on_conflict_do_nothing()
+        .returning(purchases.c.id)
+    )
+    return conn.execute(stmt).scalar() is not None
 
 
 def _history(
