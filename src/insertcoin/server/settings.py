@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     stripe_api_base: Annotated[
         str | None, Field(validation_alias=_env("INSERTCOIN_STRIPE_API_BASE"))
     ] = None
+    # Below Stripe's own 80 s: a hung call is re-read and retried sooner.
+    stripe_timeout_seconds: Annotated[
+        float, Field(gt=0, validation_alias=_env("INSERTCOIN_STRIPE_TIMEOUT_SECONDS"))
+    ] = 20.0
     reconcile_interval_seconds: Annotated[
         float, Field(gt=0, validation_alias=_env("INSERTCOIN_RECONCILE_INTERVAL_SECONDS"))
     ] = 300.0

@@ -60,13 +60,17 @@ class Payments:
             self.webhook_secret = "whsec_" + secrets.token_hex(24)
             api_base = settings.stripe_api_base or settings.public_url + STANDIN_PATH
             self.standin = _local_stripe(settings, api_base, self.webhook_secret)
-            self.gateway = StripeGateway(_SIMULATED_KEY, api_base=api_base)
+            self.gateway = StripeGateway(
+                _SIMULATED_KEY, api_base=api_base, timeout=settings.stripe_timeout_seconds
+            )
         else:
             assert settings.stripe_api_key is not None
             assert settings.stripe_webhook_secret is not None
             self.webhook_secret = settings.stripe_webhook_secret.get_secret_value()
             self.gateway = StripeGateway(
-                settings.stripe_api_key.get_secret_value(), api_base=settings.stripe_api_base
+                settings.stripe_api_key.get_secret_value(),
+                api_base=settings.stripe_api_base,
+                timeout=settings.stripe_timeout_seconds,
             )
 
         def backoff(attempts: int) -> timedelta:
