@@ -136,7 +136,7 @@ def client_ceiling(seconds: float, concurrency: int) -> dict[str, Any]:
     }
 
 
-def _register_cabinets(server: ServerProcess) -> None:
+def register_cabinets(server: ServerProcess) -> None:
     ids = _cabinet_ids()
     bodies = [
         orjson.dumps(
@@ -179,7 +179,7 @@ def _grants(server: ServerProcess, *, concurrency: int, **kwargs: Any) -> list[l
     )
 
 
-def _http_baselines(server: ServerProcess, count: int = 300) -> dict[str, Any]:
+def http_baselines(server: ServerProcess, count: int = 300) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in ("/docs", "/status", "/openapi.json"):
         url = server.url + path
@@ -296,7 +296,7 @@ def run_database(
         result["server_start_seconds"] = round(server.start(), 3)
         acker: AckerProcess | None = None
         try:
-            _register_cabinets(server)
+            register_cabinets(server)
             acker = AckerProcess(
                 broker.url, PREFIX, workdir, env=acker_env, watch_acks=args.watch_acks
             )
@@ -305,7 +305,7 @@ def run_database(
             _drain(db, 30)
 
             result["baseline_paho_ms"] = paho_round_trip(broker.url)
-            result["baseline_http_ms"] = _http_baselines(server)
+            result["baseline_http_ms"] = http_baselines(server)
             result["baseline_fsync_ms"] = fsync_baseline(workdir)
             docs = load.run(
                 load.drive(

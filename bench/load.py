@@ -48,9 +48,11 @@ async def drive(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     credit_ids: bool = False,
+    request_of: Callable[[int], tuple[bytes, dict[str, str]]] | None = None,
 ) -> list[Call]:
     """`count` calls, or as many as fit in `seconds`, from `concurrency` workers sharing
-    one keep-alive connection pool. `url_of(i)` gives the i-th call's URL."""
+    one keep-alive connection pool. `url_of(i)` gives the i-th call's URL; `request_of(i)`,
+    if given, its body and extra headers."""
     assert seconds is not None or count is not None
     calls: list[Call] = []
     numbers = itertools.count()
@@ -69,9 +71,12 @@ async def drive(
                     return
                 if deadline is not None and loop.time() >= deadline:
                     return
+                data, extra = request_of(i) if request_of is not None else (body, None)
                 start = time.time()
                 try:
-                    async with session.request(method, url_of(i), data=body) as response:
+                    async with session.request(
+                        method, url_of(i), data=data, headers=extra
+                    ) as response:
                         payload = await response.read()
                         status = response.status
                 except (TimeoutError, aiohttp.ClientError):

@@ -71,7 +71,7 @@ class Intake:
         self._next_reconcile = 0.0
 
     def start(self) -> None:
-        self._next_reconcile = time.monotonic() + min(5.0, self._reconcile_interval)
+        self._next_reconcile = time.monotonic() + self._reconcile_interval
         self._thread.start()
 
     def stop(self) -> None:
