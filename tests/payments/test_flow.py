@@ -11,7 +11,7 @@ from tests.support.server import add_cabinet
 def test_paid_purchase_is_credited_once_and_captured(
     shop: Shop, broker_url: str, topics: Topics
 ) -> None:
-    """A player pays 3 × 1 credit on an online cabinet: the cabinet gets one coinpulse of
+    """A player pays for 3 credits on an online cabinet: the cabinet gets one coinpulse of
     3 credits, acks it, and only then is the authorization captured (purchase credited)."""
     add_cabinet(shop.admin, "pay1")
     cabinets = FakeCabinets(broker_url, topics, ["pay1"]).start()
@@ -22,9 +22,11 @@ def test_paid_purchase_is_credited_once_and_captured(
         session_id = shop.buy("pay1", quantity=3)
         purchase = shop.wait_state(session_id, {"credited"})
         assert cabinets.wait_for(lambda c: c.credits["pay1"] == 3)
-        assert purchase["credits"] == 3 and purchase["amount"] == 300
+        assert purchase["credits"] == 3
+        assert purchase["amount"] == 300
         intent = shop.payment_intent(purchase["paymentIntentId"])
-        assert intent.status == "succeeded" and intent.amount_received == 300
+        assert intent.status == "succeeded"
+        assert intent.amount_received == 300
         assert [h["event"] for h in purchase["history"]][:1] == ["created"]
         assert list(cabinets.applied.values()) == [3]
     finally:

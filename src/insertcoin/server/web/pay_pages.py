@@ -3,11 +3,13 @@ the purchase live, and the cancel page. Small, mobile-first, no external assets.
 
 import html
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from insertcoin.server.errors import NotFound
 from insertcoin.server.payments import purchases
 from insertcoin.server.payments.checkout import NotPayable, open_checkout
 from insertcoin.server.web.deps import MachineIdPath, RuntimeDep
@@ -15,7 +17,8 @@ from insertcoin.server.web.ratelimit import RateLimiter
 
 router = APIRouter(tags=["pay"])
 
-SessionIdQuery = Annotated[str, Query(pattern=r"^cs_[A-Za-z0-9_]{1,250}$")]
+_SESSION_ID = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
+SessionIdQuery = Annotated[str, Query(pattern=f"^{_SESSION_ID.pattern}$")]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;display:flex;min-height:100vh;
@@ -92,11 +95,13 @@ def _phase(purchase: dict[str, Any] | None, name: str) -> tuple[str, str]:
         return "not_delivered", "Not delivered: you have not been charged."
     if state == purchases.NEEDS_ATTENTION:
         return "attention", "Something needs checking: please ask the staff."
-    return "received", f"Payment received. Sending {purchase['credits']} credits to {name}…"
+    credits = purchase["credits"]
+    plural = "s" if credits != 1 else ""
+    return "received", f"Payment received. Sending {credits} credit{plural} to {name}…"
 
 
 def _status(runtime: RuntimeDep, machine_id: str, session_id: str) -> dict[str, Any]:
-    cabinet = runtime.registry.get(machine_id)
+    cabinet = runtime.registry.get(machine_id)  # NotFound → 404
     with runtime.db.read() as conn:
         purchase = purchases.of_session(conn, machine_id, session_id)
     phase, message = _phase(purchase, cabinet.name)
@@ -135,9 +140,18 @@ poll();
 
 @router.get("/pay/{machine_id}/done", response_class=HTMLResponse, summary="After paying")
 def pay_done(
-    machine_id: MachineIdPath, session_id: SessionIdQuery, runtime: RuntimeDep
+    machine_id: MachineIdPath, runtime: RuntimeDep, session_id: str | None = None
 ) -> Response:
-    status = _status(runtime, machine_id, session_id)
+    if session_id is None or not _SESSION_ID.fullmatch(session_id):
+        return _not_payable(
+            NotPayable(404, "Unknown payment", "This link does not name a payment.")
+        )
+    try:
+        status = _status(runtime, machine_id, session_id)
+    except NotFound:
+        return _not_payable(
+            NotPayable(404, "Unknown cabinet", f"There is no cabinet called {machine_id!r} here.")
+        )
     url = f"/pay/{machine_id}/status?session_id={session_id}"
     return _page(
         "Thanks!",
