@@ -123,10 +123,7 @@ def _insert_ignore(conn: Connection, row: dict[str, Any]) -> bool:
     """Insert unless a purchase of this Checkout Session exists; True if inserted."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = (
-        dialect.insert(purchases)
-        .values(**row)
-        .on_conflict_do_nothing()
-        .returning(purchases.c.id)
+        dialect.insert(purchases).values(**row).on_conflict_do_nothing().returning(purchases.c.id)
     )
     return conn.execute(stmt).scalar() is not None
 
@@ -381,17 +378,24 @@ def _current(conn: Connection, owed: Owed) -> RowMapping | None:
     )
 
 
-def settled(conn: Connection, owed: Owed, outcome: str, now: datetime) -> str | None:
-    """The Stripe call took effect: `outcome` is captured, canceled or refunded. Returns
-    the purchase's new state (None if the purchase no longer owed this call)."""
+def settled(
+    conn: Connection,
+    owed: Owed,
+    outcome: str,
+    now: datetime,
+    detail: dict[str, Any] | None = None,
+) -> str | None:
+    """The Stripe call took effect: `outcome` is captured, canceled or refunded; `detail`
+    says how it was found out if not from a clean answer. Returns the purchase's new
+    state (None if the purchase no longer owed this call)."""
     row = _current(conn, owed)
     if row is None:
         return None
     if outcome == "captured":
-        _set_state(conn, row, CREDITED, now, "credited")
+        _set_state(conn, row, CREDITED, now, "credited", detail)
         return CREDITED
     state = VOIDED if outcome == "canceled" else REFUNDED
-    _set_state(conn, row, state, now, state)
+    _set_state(conn, row, state, now, state, detail)
     if row["grant_state"] == grants.APPLIED and row["state"] == AUTHORIZED:
         _attention(
             conn,

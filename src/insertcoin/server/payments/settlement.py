@@ -129,9 +129,20 @@ class Settlement:
             return "canceled"
         return None
 
-    def _settled(self, owed: purchases.Owed, outcome: str) -> None:
+    def _settled(self, owed: purchases.Owed, outcome: str, error: Exception | None = None) -> None:
+        detail = None
+        if error is not None:
+            # It worked, but Stripe's answer said otherwise: keep that on record.
+            detail = {"error": str(error)[:500], "attempt": owed.attempts, "foundOnReRead": True}
+            log.warning(
+                "stripe_call_failed_but_applied",
+                action=owed.action,
+                purchaseId=owed.purchase_id,
+                machineId=owed.machine_id,
+                error=str(error),
+            )
         with self._db.write() as conn:
-            state = purchases.settled(conn, owed, outcome, utc_now())
+            state = purchases.settled(conn, owed, outcome, utc_now(), detail)
         if state is not None:
             log.info(
                 f"purchase_{state}",
@@ -164,7 +175,7 @@ class Settlement:
             self._retry(owed, f"{exc}; re-read failed: {again}", new_key=False)
             return
         if effect is not None:
-            self._settled(owed, effect)
+            self._settled(owed, effect, exc)
             return
         # Not applied. A 5xx is stored under its key, so only a fresh key can act; with no
         # answer at all the same key is right (it replays whatever did happen).
@@ -178,7 +189,7 @@ class Settlement:
             self._retry(owed, f"{exc}; re-read failed: {again}", new_key=False)
             return
         if effect is not None:
-            self._settled(owed, effect)
+            self._settled(owed, effect, exc)
             return
         now = utc_now()
         with self._db.write() as conn:
