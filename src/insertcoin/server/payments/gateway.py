@@ -240,3 +240,6 @@ class StripeGateway:
             )
         except stripe.SignatureVerificationError as exc:
             raise BadSignature(str(exc).split(". ")[0]) from None
+        except (UnicodeDecodeError, TypeError, ValueError):
+            # A body that is not UTF-8, or a header with non-ASCII bytes: not Stripe's.
+            raise BadSignature("body or Stripe-Signature header is malformed") from None

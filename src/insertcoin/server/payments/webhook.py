@@ -42,6 +42,6 @@ def parse(
     object_id = obj.get("id") if isinstance(obj, dict) else None
     if not isinstance(object_id, str) or not object_id.startswith("cs_") or len(object_id) > 255:
         raise BadEvent("event carries no Checkout Session id")
-    if not isinstance(created, int) or isinstance(created, bool):
-        raise BadEvent("event has no created time")
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**63:
+        raise BadEvent("event has no created time, or an impossible one")
     return inbox.InboxEvent(event_id, kind, object_id, created)

@@ -17,6 +17,7 @@ from insertcoin.server.web.ratelimit import RateLimiter
 
 router = APIRouter(tags=["pay"])
 
+_QUANTITY = re.compile(r"[0-9]{1,3}")
 _SESSION_ID = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
 SessionIdQuery = Annotated[str, Query(pattern=f"^{_SESSION_ID.pattern}$")]
 
@@ -73,7 +74,7 @@ def pay(
             NotPayable(429, "Too many tries", "Please wait a minute and scan again."),
             {"Retry-After": "60"},
         )
-    wanted = int(quantity) if quantity.isdigit() and len(quantity) <= 3 else 1
+    wanted = int(quantity) if _QUANTITY.fullmatch(quantity) else 1
     result = open_checkout(
         runtime.db, runtime.payments.gateway, runtime.settings, machine_id, wanted
     )
