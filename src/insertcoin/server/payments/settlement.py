@@ -5,13 +5,19 @@ its idempotency key makes a repeat harmless.
 After a 5xx or no answer, the payment is re-read before anything else is decided: Stripe
 stores a 5xx under its idempotency key, so a blind retry with the same key would only
 replay the error, and a retry with a new key could act twice.
+
+A claimed batch is called concurrently (each call waits on the network) and its
+outcomes are recorded in one transaction.
 """
 
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import Connection
 
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.payments import purchases
@@ -25,11 +31,39 @@ from insertcoin.server.store.database import Database
 
 log = structlog.get_logger(__name__)
 
-_BATCH = 50
+_BATCH = 64
 _LEASE = timedelta(seconds=60)
 
 # What each call leaves behind when it took effect.
 _DONE = {purchases.CAPTURE: "captured", purchases.CANCEL: "canceled", purchases.REFUND: "refunded"}
+
+
+@dataclass(frozen=True)
+class _Done:
+    outcome: str  # captured | canceled | refunded
+    error: Exception | None = None  # the misleading answer, when found out by a re-read
+
+
+@dataclass(frozen=True)
+class _Retry:
+    error: str
+    new_key: bool
+
+
+@dataclass(frozen=True)
+class _Switch:
+    action: str
+    why: str
+    error: str
+
+
+@dataclass(frozen=True)
+class _GiveUp:
+    reason: str
+    error: str
+
+
+_Result = _Done | _Retry | _Switch | _GiveUp
 
 
 class Settlement:
@@ -47,6 +81,7 @@ class Settlement:
         self._backoff = backoff
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._callers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stripe-call")
         self._thread = threading.Thread(target=self._run, name="settlement", daemon=True)
 
     def start(self) -> None:
@@ -56,6 +91,7 @@ class Settlement:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._callers.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -77,24 +113,27 @@ class Settlement:
         while True:
             with self._db.write() as conn:
                 owed = purchases.claim_owed(conn, utc_now(), _LEASE, _BATCH)
-            for item in owed:
-                self._make(item)
+            results = list(self._callers.map(self._attempt, owed))
+            with self._db.write() as conn:
+                now = utc_now()
+                logs = [self._record(conn, o, r, now) for o, r in zip(owed, results, strict=True)]
+            for line in logs:
+                if line is not None:
+                    event, level, fields = line
+                    getattr(log, level)(event, **fields)
             done += len(owed)
             if len(owed) < _BATCH:
                 return done
 
-    def _make(self, owed: purchases.Owed) -> None:
-        fields = {"purchaseId": owed.purchase_id, "machineId": owed.machine_id}
+    # Calling Stripe (no database here) --------------------------------------------------
+
+    def _attempt(self, owed: purchases.Owed) -> _Result:
         try:
-            outcome = self._call(owed)
+            return _Done(self._call(owed))
         except StripeUnavailable as exc:
-            self._unknown_outcome(owed, exc)
-            return
+            return self._after_unknown(owed, exc)
         except StripeRefused as exc:
-            self._refused(owed, exc)
-            return
-        self._settled(owed, outcome)
-        log.debug("stripe_call_made", action=owed.action, **fields)
+            return self._after_refusal(owed, exc)
 
     def _call(self, owed: purchases.Owed) -> str:
         key, intent = owed.idempotency_key, owed.payment_intent_id
@@ -129,90 +168,78 @@ class Settlement:
             return "canceled"
         return None
 
-    def _settled(self, owed: purchases.Owed, outcome: str, error: Exception | None = None) -> None:
-        detail = None
-        if error is not None:
-            # It worked, but Stripe's answer said otherwise: keep that on record.
-            detail = {"error": str(error)[:500], "attempt": owed.attempts, "foundOnReRead": True}
-            log.warning(
-                "stripe_call_failed_but_applied",
-                action=owed.action,
-                purchaseId=owed.purchase_id,
-                machineId=owed.machine_id,
-                error=str(error),
-            )
-        with self._db.write() as conn:
-            state = purchases.settled(conn, owed, outcome, utc_now(), detail)
-        if state is not None:
-            log.info(
-                f"purchase_{state}",
-                purchaseId=owed.purchase_id,
-                machineId=owed.machine_id,
-                via=owed.action,
-            )
-
-    def _retry(self, owed: purchases.Owed, error: str, *, new_key: bool) -> None:
-        with self._db.write() as conn:
-            purchases.retry_later(
-                conn, owed, utc_now(), self._backoff(owed.attempts), error, new_key=new_key
-            )
-        log.warning(
-            "stripe_call_failed",
-            action=owed.action,
-            purchaseId=owed.purchase_id,
-            machineId=owed.machine_id,
-            attempt=owed.attempts,
-            error=error,
-        )
-
-    def _unknown_outcome(self, owed: purchases.Owed, exc: StripeUnavailable) -> None:
+    def _reread(
+        self, owed: purchases.Owed, exc: Exception
+    ) -> tuple[PaymentIntent, str | None] | _Retry:
         try:
             intent = self._gateway.retrieve_payment_intent(owed.payment_intent_id)
-            effect = self._effect(owed, intent)
+            return intent, self._effect(owed, intent)
         except (StripeUnavailable, StripeRefused) as again:
-            # Can't tell: retry with the same key, which replays the first answer if
-            # the call did reach Stripe.
-            self._retry(owed, f"{exc}; re-read failed: {again}", new_key=False)
-            return
+            # Can't tell: retry with the same key, which replays the first answer if the
+            # call did reach Stripe.
+            return _Retry(f"{exc}; re-read failed: {again}", new_key=False)
+
+    def _after_unknown(self, owed: purchases.Owed, exc: StripeUnavailable) -> _Result:
+        read = self._reread(owed, exc)
+        if isinstance(read, _Retry):
+            return read
+        _, effect = read
         if effect is not None:
-            self._settled(owed, effect, exc)
-            return
+            return _Done(effect, exc)
         # Not applied. A 5xx is stored under its key, so only a fresh key can act; with no
         # answer at all the same key is right (it replays whatever did happen).
-        self._retry(owed, str(exc), new_key=exc.status is not None)
+        return _Retry(str(exc), new_key=exc.status is not None)
 
-    def _refused(self, owed: purchases.Owed, exc: StripeRefused) -> None:
-        try:
-            intent = self._gateway.retrieve_payment_intent(owed.payment_intent_id)
-            effect = self._effect(owed, intent)
-        except (StripeUnavailable, StripeRefused) as again:
-            self._retry(owed, f"{exc}; re-read failed: {again}", new_key=False)
-            return
+    def _after_refusal(self, owed: purchases.Owed, exc: StripeRefused) -> _Result:
+        read = self._reread(owed, exc)
+        if isinstance(read, _Retry):
+            return read
+        intent, effect = read
         if effect is not None:
-            self._settled(owed, effect, exc)
-            return
-        now = utc_now()
-        with self._db.write() as conn:
-            if owed.action == purchases.CANCEL and intent.status == "succeeded":
-                purchases.switch(conn, owed, purchases.REFUND, now, "the payment was captured")
-            elif owed.action == purchases.REFUND and intent.status == "requires_capture":
-                purchases.switch(conn, owed, purchases.CANCEL, now, "the payment is uncaptured")
-            elif owed.action == purchases.CAPTURE and intent.status == "canceled":
-                purchases.give_up(
-                    conn, owed, now, "credits delivered but the authorization was canceled"
-                )
-            else:
-                # The re-read shows no effect, so a fresh key cannot make it twice, and
-                # the old one may hold this refusal.
-                purchases.retry_later(
-                    conn, owed, now, self._backoff(owed.attempts), str(exc), new_key=True
-                )
-        log.warning(
-            "stripe_call_refused",
-            action=owed.action,
-            purchaseId=owed.purchase_id,
-            machineId=owed.machine_id,
-            paymentStatus=intent.status,
-            error=str(exc),
-        )
-        self.wake()
+            return _Done(effect, exc)
+        if owed.action == purchases.CANCEL and intent.status == "succeeded":
+            return _Switch(purchases.REFUND, "the payment was captured", str(exc))
+        if owed.action == purchases.REFUND and intent.status == "requires_capture":
+            return _Switch(purchases.CANCEL, "the payment is uncaptured", str(exc))
+        if owed.action == purchases.CAPTURE and intent.status == "canceled":
+            return _GiveUp("credits delivered but the authorization was canceled", str(exc))
+        # The re-read shows no effect, so a fresh key cannot make it twice, and the old
+        # one may hold this refusal.
+        return _Retry(str(exc), new_key=True)
+
+    # Recording (one transaction per batch) ----------------------------------------------
+
+    def _record(
+        self, conn: Connection, owed: purchases.Owed, result: _Result, now: datetime
+    ) -> tuple[str, str, dict[str, object]] | None:
+        """Write one outcome; returns the log line to emit once committed."""
+        fields: dict[str, object] = {
+            "purchaseId": owed.purchase_id,
+            "machineId": owed.machine_id,
+            "action": owed.action,
+        }
+        if isinstance(result, _Done):
+            detail: dict[str, object] | None = None
+            if result.error is not None:
+                # It worked, but Stripe's answer said otherwise: keep that on record.
+                detail = {
+                    "error": str(result.error)[:500],
+                    "attempt": owed.attempts,
+                    "foundOnReRead": True,
+                }
+            state = purchases.settled(conn, owed, result.outcome, now, detail)
+            if state is None:
+                return None
+            if detail is not None:
+                return f"purchase_{state}", "warning", {**fields, **detail}
+            return f"purchase_{state}", "info", fields
+        if isinstance(result, _Retry):
+            delay = self._backoff(owed.attempts)
+            purchases.retry_later(conn, owed, now, delay, result.error, new_key=result.new_key)
+            return "stripe_call_failed", "warning", {**fields, "error": result.error}
+        self.wake()  # the switched call, or the operator's, is due now
+        if isinstance(result, _Switch):
+            purchases.switch(conn, owed, result.action, now, result.why)
+            return "stripe_call_switched", "warning", {**fields, "to": result.action}
+        purchases.give_up(conn, owed, now, result.reason)
+        return "purchase_needs_attention", "warning", {**fields, "reason": result.reason}
