@@ -5,7 +5,7 @@ re-listed event is stored once."""
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.server.store.tables import stripe_events
@@ -84,12 +84,20 @@ def claim_due(conn: Connection, now: datetime, lease: timedelta, limit: int) -> 
     ]
 
 
-def processed(conn: Connection, event_id: str, now: datetime, result: str) -> None:
-    conn.execute(
-        update(stripe_events)
-        .where(stripe_events.c.id == event_id)
-        .values(due_at=None, processed_at=now, result=result[:500])
-    )
+_PROCESSED = (
+    update(stripe_events)
+    .where(stripe_events.c.id == bindparam("b_id"))
+    .values(due_at=None, processed_at=bindparam("b_now"), result=bindparam("b_result"))
+)
+
+
+def processed(conn: Connection, results: list[tuple[str, str]], now: datetime) -> None:
+    """Mark events done, each with what came of it (one statement for the batch)."""
+    if results:
+        conn.execute(
+            _PROCESSED,
+            [{"b_id": event_id, "b_now": now, "b_result": r[:500]} for event_id, r in results],
+        )
 
 
 def retry(conn: Connection, event_id: str, due: datetime, error: str) -> None:

@@ -145,23 +145,28 @@ class Intake:
         recorded: list[tuple[inbox.InboxEvent, purchases.Recorded]] = []
         failed: list[tuple[inbox.InboxEvent, str]] = []
         with self._db.write() as conn:
+            readable: list[tuple[inbox.InboxEvent, CheckoutSession]] = []
+            done: list[tuple[str, str]] = []
             for event in events:
                 read = reads.get(event.id)
                 if read is None:
                     # Failed or expired sessions charge nobody: nothing to record.
-                    inbox.processed(conn, event.id, now, "no payment")
-                    continue
-                if isinstance(read, StripeRefused) and read.status == 404:
-                    inbox.processed(conn, event.id, now, f"not in Stripe: {read}")
+                    done.append((event.id, "no payment"))
+                elif isinstance(read, StripeRefused) and read.status == 404:
+                    done.append((event.id, f"not in Stripe: {read}"))
                     failed.append((event, str(read)))
-                    continue
-                if isinstance(read, Exception):
+                elif isinstance(read, Exception):
                     inbox.retry(conn, event.id, now + self._backoff(event.attempts), str(read))
                     failed.append((event, str(read)))
-                    continue
-                outcome = purchases.record(conn, read, now=now, schedule=self._schedule)
-                inbox.processed(conn, event.id, now, outcome.event)
+                else:
+                    readable.append((event, read))
+            outcomes = purchases.record_many(
+                conn, [s for _, s in readable], now=now, schedule=self._schedule
+            )
+            for (event, _), outcome in zip(readable, outcomes, strict=True):
+                done.append((event.id, outcome.event))
                 recorded.append((event, outcome))
+            inbox.processed(conn, done, now)
         for event, error in failed:
             log.warning("stripe_event_not_processed", eventId=event.id, error=error)
         owed = False

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, select, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.ids import new_credit_id
@@ -26,6 +26,7 @@ from insertcoin.server.payments.gateway import CheckoutSession
 from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, checkouts, purchases
 from insertcoin.server.store.tables import grants as grants_table
+from insertcoin.server.store.tables import history as history_table
 
 AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION = (
     "authorized",
@@ -41,6 +42,17 @@ CAPTURE, CANCEL, REFUND, RELEASE = "capture", "cancel", "refund", "release"
 
 # Payment states in which the money is held for us: authorized, or already captured.
 _HELD = {"requires_capture": False, "succeeded": True}
+
+
+# Built once: a fresh select() costs more to build and hash than to run.
+_CHECKOUTS = select(checkouts).where(
+    checkouts.c.checkout_session_id.in_(bindparam("ids", expanding=True))
+)
+_CABINETS = select(cabinets).where(cabinets.c.machine_id.in_(bindparam("ids", expanding=True)))
+_RECORDED = select(purchases.c.checkout_session_id, purchases.c.id).where(
+    purchases.c.checkout_session_id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_HISTORY = insert(history_table)
 
 
 @dataclass(frozen=True)
@@ -63,37 +75,39 @@ class _Terms:
     max_quantity: int
 
 
-def _terms(conn: Connection, session: CheckoutSession) -> _Terms | None:
-    row = (
-        conn.execute(select(checkouts).where(checkouts.c.checkout_session_id == session.id))
-        .mappings()
-        .first()
-    )
-    if row is not None:
-        return _Terms(
+def _terms(conn: Connection, sessions: list[CheckoutSession]) -> dict[str, _Terms]:
+    """What the server asked for, per session id (sessions it can't place are absent)."""
+    found: dict[str, _Terms] = {
+        row["checkout_session_id"]: _Terms(
             row["machine_id"],
             row["unit_amount"],
             row["currency"],
             row["credits_per_purchase"],
             row["max_quantity"],
         )
+        for row in conn.execute(_CHECKOUTS, {"ids": [s.id for s in sessions]}).mappings()
+    }
     # A session this server did not open (e.g. a Payment Link made in Stripe's dashboard
     # for the prototype): held against the cabinet's current price.
-    machine_id = session.machine_id or session.client_reference_id
-    if machine_id is None:
-        return None
-    cabinet = (
-        conn.execute(select(cabinets).where(cabinets.c.machine_id == machine_id)).mappings().first()
-    )
-    if cabinet is None:
-        return None
-    return _Terms(
-        machine_id,
-        cabinet["price_amount"],
-        cabinet["price_currency"],
-        cabinet["credits_per_purchase"],
-        cabinet["max_quantity"],
-    )
+    others = {
+        s.id: s.machine_id or s.client_reference_id
+        for s in sessions
+        if s.id not in found and (s.machine_id or s.client_reference_id)
+    }
+    if others:
+        rows = conn.execute(_CABINETS, {"ids": sorted({m for m in others.values() if m})})
+        by_machine = {row["machine_id"]: row for row in rows.mappings()}
+        for session_id, machine_id in others.items():
+            cabinet = by_machine.get(machine_id)
+            if cabinet is not None:
+                found[session_id] = _Terms(
+                    cabinet["machine_id"],
+                    cabinet["price_amount"],
+                    cabinet["price_currency"],
+                    cabinet["credits_per_purchase"],
+                    cabinet["max_quantity"],
+                )
+    return found
 
 
 def _mismatches(session: CheckoutSession, terms: _Terms) -> list[str]:
@@ -119,13 +133,25 @@ def _mismatches(session: CheckoutSession, terms: _Terms) -> list[str]:
     return found
 
 
-def _insert_ignore(conn: Connection, row: dict[str, Any]) -> bool:
-    """Insert unless a purchase of this Checkout Session exists; True if inserted."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = (
-        dialect.insert(purchases).values(**row).on_conflict_do_nothing().returning(purchases.c.id)
-    )
-    return conn.execute(stmt).scalar() is not None
+def _history_row(
+    purchase_id: str,
+    machine_id: str,
+    event: str,
+    from_state: str | None,
+    to: str | None,
+    now: datetime,
+    detail: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "subject": "purchase",
+        "subject_id": purchase_id,
+        "machine_id": machine_id,
+        "event": event,
+        "from_state": from_state,
+        "to_state": to,
+        "detail": detail,
+        "at": now,
+    }
 
 
 def _history(
@@ -149,23 +175,132 @@ def _history(
     )
 
 
-def record(  # noqa: PLR0911 - one return per outcome, each with its reason
-    conn: Connection, session: CheckoutSession, *, now: datetime, schedule: grants.Schedule
-) -> Recorded:
-    """Record a paid session as a purchase with its grant, in the caller's transaction.
-
-    Keyed on the session id: any later call for the same session is a `duplicate`.
-    """
+def _ignored(session: CheckoutSession) -> str | None:
+    """Why a session cannot be a purchase (yet), or None."""
     intent = session.payment_intent
     if session.status != "complete" or intent is None:
-        return Recorded("ignored", reason=f"session is {session.status}, not complete")
+        return f"session is {session.status}, not complete"
     if intent.status not in _HELD:
-        return Recorded("ignored", reason=f"payment is {intent.status}")
-    terms = _terms(conn, session)
-    if terms is None:
-        return Recorded("ignored", reason="not a payment for a known cabinet")
+        return f"payment is {intent.status}"
+    return None
+
+
+def record_many(
+    conn: Connection, sessions: list[CheckoutSession], *, now: datetime, schedule: grants.Schedule
+) -> list[Recorded]:
+    """Record paid sessions as purchases with their grants, in the caller's transaction;
+    one result per session, in order.
+
+    Keyed on the session id (UNIQUE): a session already recorded, by an earlier call, by
+    another process, or earlier in this batch, is a `duplicate`. A batch costs a fixed
+    handful of statements, whatever its size.
+    """
+    results: list[Recorded | None] = [None] * len(sessions)
+    rows = _rows(conn, sessions, results, now)
+    inserted: set[str] = set()
+    if rows:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(purchases)
+            .values(list(rows.values()))
+            .on_conflict_do_nothing()
+            .returning(purchases.c.id)
+        )
+        inserted = set(conn.execute(statement).scalars())
+    duplicates = [row["checkout_session_id"] for row in rows.values() if row["id"] not in inserted]
+    earlier: dict[str, str] = {}
+    if duplicates:
+        earlier = dict(conn.execute(_RECORDED, {"ids": duplicates}).all())
+    entries: list[dict[str, Any]] = []
+    requests: list[tuple[int, grants.GrantRequest]] = []
+    for i, row in rows.items():
+        if row["id"] not in inserted:
+            session_id = row["checkout_session_id"]
+            results[i] = Recorded("duplicate", earlier.get(session_id), row["machine_id"])
+            continue
+        detail = {
+            "checkoutSessionId": row["checkout_session_id"],
+            "paymentIntentId": row["payment_intent_id"],
+        }
+        entries.append(
+            _history_row(row["id"], row["machine_id"], "created", None, row["state"], now, detail)
+        )
+        if row["state"] == NEEDS_ATTENTION:
+            reason = row["attention_reason"]
+            results[i] = Recorded("needs_attention", row["id"], row["machine_id"], reason=reason)
+            continue
+        request = grants.GrantRequest(
+            row["machine_id"], row["credits"], "purchase", row["id"], credit_id=row["credit_id"]
+        )
+        requests.append((i, request))
+    if entries:
+        conn.execute(_INSERT_HISTORY, entries)
+    if requests:
+        _issue_grants(conn, rows, requests, results, now, schedule)
+    recorded = [r for r in results if r is not None]
+    assert len(recorded) == len(sessions)
+    return recorded
+
+
+def _rows(
+    conn: Connection,
+    sessions: list[CheckoutSession],
+    results: list[Recorded | None],
+    now: datetime,
+) -> dict[int, dict[str, Any]]:
+    """A purchase row per recordable session (by its index); the others' results set."""
+    usable: list[tuple[int, CheckoutSession]] = []
+    for i, session in enumerate(sessions):
+        reason = _ignored(session)
+        if reason is not None:
+            results[i] = Recorded("ignored", reason=reason)
+        else:
+            usable.append((i, session))
+    terms = _terms(conn, [s for _, s in usable]) if usable else {}
+    rows: dict[int, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for i, session in usable:
+        found = terms.get(session.id)
+        if found is None:
+            results[i] = Recorded("ignored", reason="not a payment for a known cabinet")
+        elif session.id in seen:
+            results[i] = Recorded("duplicate", None, found.machine_id)
+        else:
+            seen.add(session.id)
+            rows[i] = _row(session, found, now)
+    return rows
+
+
+def _issue_grants(
+    conn: Connection,
+    rows: dict[int, dict[str, Any]],
+    requests: list[tuple[int, grants.GrantRequest]],
+    results: list[Recorded | None],
+    now: datetime,
+    schedule: grants.Schedule,
+) -> None:
+    created = grants.create_many(conn, [r for _, r in requests], now=now, schedule=schedule)
+    for (i, _), result in zip(requests, created, strict=True):
+        row = rows[i]
+        if isinstance(result, CoinPulse):
+            results[i] = Recorded("created", row["id"], row["machine_id"], pulse=result)
+            continue
+        # Paid for a cabinet disabled since: nothing can be delivered, give the money back.
+        action = REFUND if row["captured_at_payment"] else CANCEL
+        conn.execute(
+            update(purchases)
+            .where(purchases.c.id == row["id"])
+            .values(credit_id=None, action=action, action_due_at=now)
+        )
+        _history(conn, row, "undeliverable", None, now, {"reason": str(result), "action": action})
+        results[i] = Recorded("undeliverable", row["id"], row["machine_id"], reason=str(result))
+
+
+def _row(session: CheckoutSession, terms: _Terms, now: datetime) -> dict[str, Any]:
+    intent = session.payment_intent
+    assert intent is not None
     problems = _mismatches(session, terms)
-    row: dict[str, Any] = {
+    return {
         "id": "pu_" + secrets.token_hex(12),
         "checkout_session_id": session.id,
         "payment_intent_id": intent.id,
@@ -183,32 +318,6 @@ def record(  # noqa: PLR0911 - one return per outcome, each with its reason
         "created_at": now,
         "updated_at": now,
     }
-    if not _insert_ignore(conn, row):
-        existing = conn.execute(
-            select(purchases.c.id).where(purchases.c.checkout_session_id == session.id)
-        ).scalar_one()
-        return Recorded("duplicate", existing, terms.machine_id)
-    detail = {"checkoutSessionId": session.id, "paymentIntentId": intent.id}
-    _history(conn, {**row, "state": None}, "created", row["state"], now, detail)
-    if problems:
-        return Recorded(
-            "needs_attention", row["id"], terms.machine_id, reason=row["attention_reason"]
-        )
-    request = grants.GrantRequest(
-        terms.machine_id, row["credits"], "purchase", row["id"], credit_id=row["credit_id"]
-    )
-    [result] = grants.create_many(conn, [request], now=now, schedule=schedule)
-    if isinstance(result, CoinPulse):
-        return Recorded("created", row["id"], terms.machine_id, pulse=result)
-    # Paid for a cabinet disabled since: nothing can be delivered, give the money back.
-    action = REFUND if row["captured_at_payment"] else CANCEL
-    conn.execute(
-        update(purchases)
-        .where(purchases.c.id == row["id"])
-        .values(credit_id=None, action=action, action_due_at=now)
-    )
-    _history(conn, row, "undeliverable", None, now, {"reason": str(result), "action": action})
-    return Recorded("undeliverable", row["id"], terms.machine_id, reason=str(result))
 
 
 def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int:
