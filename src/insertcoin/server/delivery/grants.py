@@ -291,7 +291,10 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
             continue
         state, result = row["state"], ack.result
         detail = {"reason": ack.reason} if ack.reason else None
-        if state == PENDING or (state == EXPIRED and result == APPLIED):
+        # An applied ack after expiry, or after a rejection (the cabinet refused a copy,
+        # then applied a redelivered one before expiresAt), is what the cabinet did:
+        # record it, so the money can follow.
+        if state == PENDING or (state in (EXPIRED, REJECTED) and result == APPLIED):
             event = result if state == PENDING else "applied_late"
             to = APPLIED if result == APPLIED else REJECTED
             settles.append(

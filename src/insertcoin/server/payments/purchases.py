@@ -446,11 +446,18 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
             and row["state"] == AUTHORIZED
             and row["grant_state"] == grants.APPLIED
         ):
-            if row["captured_at_payment"]:
+            if not row["captured_at_payment"]:
+                # Capturing a payment that an earlier attempt did cancel is refused, and
+                # that ends in needs_attention: safe either way.
+                action = CAPTURE
+                _history(conn, row, "capture_owed", None, now, {"instead_of": row["action"]})
+            elif row["action_attempts"] == 0:
+                # The money was never sent back: keep it.
                 _set_state(conn, row, CREDITED, now, "credited")
                 continue
-            action = CAPTURE
-            _history(conn, row, "capture_owed", None, now, {"instead_of": row["action"]})
+            # Otherwise an earlier attempt may have refunded it: finish the refund (its key
+            # replays that one), and a refunded purchase with an applied grant is then
+            # flagged needs_attention.
         conn.execute(
             update(purchases)
             .where(purchases.c.id == row["id"])
