@@ -11,6 +11,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from insertcoin.agent.cli import register as register_agent  # noqa: PLC0415
+
+    register_agent(app)
     from insertcoin.server.cli import register  # noqa: PLC0415
 
     register(app)

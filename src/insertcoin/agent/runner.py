@@ -1,0 +1,198 @@
+"""Wires the agent: config → journal → output → machine → MQTT session → screen."""
+
+import importlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel
+
+from insertcoin import __version__
+from insertcoin.agent.config import AgentConfig, ConfigError
+from insertcoin.agent.journal import Journal
+from insertcoin.agent.machine import Machine
+from insertcoin.agent.outputs import Output
+from insertcoin.agent.outputs.command import CommandOutput
+from insertcoin.agent.outputs.simulated import SimulatedOutput
+from insertcoin.agent.session import Session
+from insertcoin.protocol import (
+    CabinetConfig,
+    ProtocolError,
+    Status,
+    TopicKind,
+    dump_message,
+    parse_message,
+    utc_now,
+)
+
+log = structlog.get_logger(__name__)
+
+Listener = Callable[[], None]
+
+
+def _optional(module: str, name: str) -> Any | None:
+    """A class from a module that may not be installed or written (gpio, the screen)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def build_output(config: AgentConfig) -> Output:
+    coin = config.coin
+    if coin.output == "simulated":
+        return SimulatedOutput()
+    if coin.output == "command":
+        assert coin.command is not None  # the config validator demands it
+        return CommandOutput(coin.command, config.machine_id, coin.gap_ms)
+    if coin.output == "gpio":
+        gpio = _optional("insertcoin.agent.outputs.gpio", "GpioOutput")
+        if gpio is not None:
+            output: Output = gpio(coin.pin, coin.active_high, coin.pulse_ms, coin.gap_ms)
+            return output
+    raise ConfigError(f'coin.output: "{coin.output}" is not available in this installation')
+
+
+class Agent:
+    """The running cabinet. `snapshot()`, `game_over()` and `subscribe()` are what the
+    local screen and API use; all three are safe from any thread."""
+
+    def __init__(self, config: AgentConfig, output: Output | None = None) -> None:
+        self.config = config
+        self.machine_id = config.machine_id
+        self.output = output or build_output(config)
+        if config.gameover.source == "process":
+            raise ConfigError('gameover.source: "process" is not available in this build')
+        self.journal = Journal(Path(config.journal.path))
+        self.machine = Machine(
+            config.machine_id,
+            config.coin,
+            self.journal,
+            self.output,
+            send=self._send,
+            on_change=self._changed,
+        )
+        self.session = Session(
+            config,
+            will=dump_message(Status(machine_id=self.machine_id, online=False)),
+            on_message=self._received,
+            on_online=self._online_changed,
+        )
+        self.cabinet: CabinetConfig | None = None
+        self._listeners: list[Listener] = []
+        self._listeners_lock = threading.Lock()
+        self._screen: Any | None = None
+        self._gameover_input: Any | None = None
+        if config.gameover.source == "gpio":
+            self._gameover_input = self._gpio_game_over()
+
+    def start(self) -> None:
+        self.machine.start()
+        self.session.start()
+        screen_class = _optional("insertcoin.agent.screen", "Screen")
+        if screen_class is None:
+            log.info("screen_unavailable")
+        else:
+            self._screen = screen_class(self.config.screen.listen, self)
+            self._screen.start()
+        log.info("agent_started", machineId=self.machine_id, mode=self.config.coin.mode)
+
+    def _gpio_game_over(self) -> Any:
+        gpio = _optional("insertcoin.agent.inputs.gpio", "GpioGameOver")
+        if gpio is None:
+            raise ConfigError('gameover.source: "gpio" is not available in this installation')
+        return gpio(self.config.gameover.pin, self._input_game_over)
+
+    def _input_game_over(self) -> None:
+        try:
+            self.game_over()
+        except ValueError as exc:
+            log.info("game_over_ignored", reason=str(exc))
+
+    def stop(self) -> None:
+        if self._gameover_input is not None:
+            self._gameover_input.close()
+        if self._screen is not None:
+            self._screen.stop()
+        self.machine.stop()
+        self.session.stop(farewell=dump_message(self._status(online=False)))
+        self.output.close()
+        self.journal.close()
+
+    def wait_online(self, timeout: float) -> bool:
+        return self.session.wait_connected(timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        cabinet = self.cabinet
+        return {
+            "machineId": self.machine_id,
+            "online": self.session.connected,
+            "state": self.machine.state,
+            "credits": self.machine.credits,
+            "mode": self.config.coin.mode,
+            "price": cabinet.price.model_dump() if cabinet else None,
+            "creditsPerPurchase": cabinet.credits_per_purchase if cabinet else None,
+            "payUrl": cabinet.pay_url if cabinet else None,
+            "name": cabinet.name if cabinet else None,
+        }
+
+    def game_over(self) -> dict[str, Any]:
+        """End the running game; returns the new snapshot. ValueError(reason) when none runs."""
+        self.machine.game_over()
+        return self.snapshot()
+
+    def subscribe(self, callback: Listener) -> None:
+        """Call `callback()` after every change of the snapshot (from any thread)."""
+        with self._listeners_lock:
+            self._listeners.append(callback)
+
+    def _status(self, *, online: bool) -> Status:
+        return Status(
+            machine_id=self.machine_id,
+            online=online,
+            state=self.machine.state,
+            credits=self.machine.credits,
+            timestamp=utc_now(),
+            agent_version=__version__,
+        )
+
+    def _send(self, kind: TopicKind, message: BaseModel) -> None:
+        self.session.publish(kind, dump_message(message))
+
+    def _changed(self) -> None:
+        self.session.publish(TopicKind.STATUS, dump_message(self._status(online=True)), retain=True)
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("listener_failed")
+
+    def _online_changed(self, online: bool) -> None:
+        if online:
+            # Retained: replaces the Will's offline status a previous drop may have left.
+            self.session.publish(
+                TopicKind.STATUS, dump_message(self._status(online=True)), retain=True
+            )
+        self._notify()
+
+    def _received(self, kind: TopicKind, payload: bytes) -> None:
+        if kind is TopicKind.COINPULSE:
+            self.machine.deliver(payload)
+            return
+        try:
+            cabinet = parse_message(CabinetConfig, payload)
+        except ProtocolError as exc:
+            log.warning("config_invalid", reason=exc.reason)
+            return
+        if cabinet.machine_id != self.machine_id:
+            log.warning("config_not_ours", machineId=cabinet.machine_id)
+            return
+        self.cabinet = cabinet
+        self._notify()
