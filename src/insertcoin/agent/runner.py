@@ -1,6 +1,5 @@
 """Wires the agent: config → journal → output → machine → MQTT session → screen."""
 
-import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +10,14 @@ from pydantic import BaseModel
 
 from insertcoin import __version__
 from insertcoin.agent.config import AgentConfig, ConfigError
+from insertcoin.agent.inputs.gpio import GpioGameOver
 from insertcoin.agent.journal import Journal
 from insertcoin.agent.machine import Machine
 from insertcoin.agent.outputs import Output
 from insertcoin.agent.outputs.command import CommandOutput
+from insertcoin.agent.outputs.gpio import GpioOutput
 from insertcoin.agent.outputs.simulated import SimulatedOutput
+from insertcoin.agent.screen import Screen
 from insertcoin.agent.session import Session
 from insertcoin.protocol import (
     CabinetConfig,
@@ -32,14 +34,6 @@ log = structlog.get_logger(__name__)
 Listener = Callable[[], None]
 
 
-def _optional(module: str, name: str) -> Any | None:
-    """A class from a module that may not be installed or written (gpio, the screen)."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 def build_output(config: AgentConfig) -> Output:
     coin = config.coin
     if coin.output == "simulated":
@@ -48,10 +42,8 @@ def build_output(config: AgentConfig) -> Output:
         assert coin.command is not None  # the config validator demands it
         return CommandOutput(coin.command, config.machine_id, coin.gap_ms)
     if coin.output == "gpio":
-        gpio = _optional("insertcoin.agent.outputs.gpio", "GpioOutput")
-        if gpio is not None:
-            output: Output = gpio(coin.pin, coin.active_high, coin.pulse_ms, coin.gap_ms)
-            return output
+        assert coin.pin is not None  # the config validator demands it
+        return GpioOutput(coin.pin, coin.active_high, coin.pulse_ms, coin.gap_ms)
     raise ConfigError(f'coin.output: "{coin.output}" is not available in this installation')
 
 
@@ -83,27 +75,17 @@ class Agent:
         self.cabinet: CabinetConfig | None = None
         self._listeners: list[Listener] = []
         self._listeners_lock = threading.Lock()
-        self._screen: Any | None = None
-        self._gameover_input: Any | None = None
+        self._screen = Screen(config.screen.listen, self)
+        self._gameover_input: GpioGameOver | None = None
         if config.gameover.source == "gpio":
-            self._gameover_input = self._gpio_game_over()
+            assert config.gameover.pin is not None  # the config validator demands it
+            self._gameover_input = GpioGameOver(config.gameover.pin, self._input_game_over)
 
     def start(self) -> None:
         self.machine.start()
         self.session.start()
-        screen_class = _optional("insertcoin.agent.screen", "Screen")
-        if screen_class is None:
-            log.info("screen_unavailable")
-        else:
-            self._screen = screen_class(self.config.screen.listen, self)
-            self._screen.start()
+        self._screen.start()
         log.info("agent_started", machineId=self.machine_id, mode=self.config.coin.mode)
-
-    def _gpio_game_over(self) -> Any:
-        gpio = _optional("insertcoin.agent.inputs.gpio", "GpioGameOver")
-        if gpio is None:
-            raise ConfigError('gameover.source: "gpio" is not available in this installation')
-        return gpio(self.config.gameover.pin, self._input_game_over)
 
     def _input_game_over(self) -> None:
         try:
@@ -114,8 +96,7 @@ class Agent:
     def stop(self) -> None:
         if self._gameover_input is not None:
             self._gameover_input.close()
-        if self._screen is not None:
-            self._screen.stop()
+        self._screen.stop()
         self.machine.stop()
         self.session.stop(farewell=dump_message(self._status(online=False)))
         self.output.close()
