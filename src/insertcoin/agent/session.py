@@ -109,7 +109,9 @@ class Session:
 
     def _handle_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
-        log.warning("mqtt_disconnected", host=self.target.host, reason=str(reason))
+        # Our own disconnect (stopping) is news; any other is a problem worth a warning.
+        level = "info" if not getattr(reason, "is_failure", True) else "warning"
+        getattr(log, level)("mqtt_disconnected", host=self.target.host, reason=str(reason))
         self._on_online(False)
 
     def _handle_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
@@ -118,4 +120,6 @@ class Session:
         elif message.topic == self.topic(TopicKind.CONFIG):
             self._on_message(TopicKind.CONFIG, bytes(message.payload))
         else:
-            log.warning("mqtt_unexpected_topic", topic=message.topic)
+            # Ignored: some brokers (amqtt, the embedded one) hand a persistent session
+            # retained messages of topics it never subscribed to.
+            log.info("mqtt_unexpected_topic", topic=message.topic)

@@ -92,6 +92,27 @@ def serve(
         runtime.stop()
 
 
+@_friendly
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Make one purchase by itself, print a summary, exit.")
+    ] = False,
+) -> None:
+    """The whole system on this machine: a server with simulated payments and three
+    simulated cabinets with their attract screens. Nothing to configure."""
+    configure_logs("warning")
+    sys.setswitchinterval(0.0005)
+    from insertcoin.server.demo import run  # noqa: PLC0415
+
+    try:
+        summary = run(port, smoke=smoke)
+    except TimeoutError as exc:
+        raise _fail(f"demo failed: {exc}", code=1) from None
+    if summary is not None:
+        typer.echo(summary)
+
+
 def _payments_line(runtime: Any) -> str:
     mode: str = runtime.payments.mode
     if mode == "simulated":
@@ -321,6 +342,7 @@ def payments_reconcile() -> None:
 
 def register(app: typer.Typer) -> None:
     app.command()(serve)
+    app.command()(demo)
     app.add_typer(db_app, name="db")
     app.add_typer(cabinet_app, name="cabinet")
     app.add_typer(broker_app, name="broker")

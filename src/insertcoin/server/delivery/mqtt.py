@@ -97,7 +97,9 @@ class MqttLink:
 
     def _handle_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
-        log.warning("mqtt_disconnected", broker=self.target.display(), reason=str(reason))
+        # Our own disconnect (stopping) is news; any other is a problem worth a warning.
+        level = "info" if not getattr(reason, "is_failure", True) else "warning"
+        getattr(log, level)("mqtt_disconnected", broker=self.target.display(), reason=str(reason))
 
     def _handle_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         self._on_message(message.topic, bytes(message.payload))
