@@ -16,6 +16,7 @@ from insertcoin.protocol.timestamps import utc_now
 from insertcoin.protocol.topics import TopicKind, Topics
 from insertcoin.server.delivery import grants
 from insertcoin.server.delivery.mqtt import MqttLink
+from insertcoin.server.periodic import Periodic
 from insertcoin.server.store.database import Database
 from insertcoin.server.store.tables import cabinets
 
@@ -44,42 +45,29 @@ class Dispatcher:
         self._interval = interval
         self._config_of = config_of
         self._follower = follower
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._republish_configs = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._worker = Periodic(
+            "dispatcher", interval, lambda: self.run_once(connected=self._link.connected)
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._worker.stop()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
     def broker_connected(self) -> None:
         """A (re)connected broker may have lost retained configs: publish them all again."""
         self._republish_configs.set()
-        self._wake.set()
+        self.wake()
 
     def send(self, pulse: CoinPulse) -> None:
         topic = self._topics.topic(pulse.machine_id, TopicKind.COINPULSE)
         if self._link.publish(topic, dump_message(pulse)):
             log.debug("coinpulse_sent", machineId=pulse.machine_id, creditId=pulse.credit_id)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                continue
-            try:
-                self.run_once(connected=self._link.connected)
-            except Exception:
-                log.exception("dispatcher_failed")
 
     def _claim(self, *, sending: bool) -> int:
         sent = 0

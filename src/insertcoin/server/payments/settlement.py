@@ -10,7 +10,6 @@ A claimed batch is called concurrently (each call waits on the network) and its
 outcomes are recorded in one transaction.
 """
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from insertcoin.server.payments.gateway import (
     StripeRefused,
     StripeUnavailable,
 )
+from insertcoin.server.periodic import Periodic
 from insertcoin.server.store.database import Database
 
 log = structlog.get_logger(__name__)
@@ -79,33 +79,18 @@ class Settlement:
         self._gateway = gateway
         self._interval = interval
         self._backoff = backoff
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._callers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stripe-call")
-        self._thread = threading.Thread(target=self._run, name="settlement", daemon=True)
+        self._worker = Periodic("settlement", interval, self.run_once)
 
     def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-        self._callers.shutdown(wait=False, cancel_futures=True)
+        self._worker.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._worker.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("settlement_failed")
+    def stop(self) -> None:
+        self._worker.stop()
+        self._callers.shutdown(wait=False, cancel_futures=True)
 
     def run_once(self) -> int:
         """Make every due call; returns how many were attempted."""
