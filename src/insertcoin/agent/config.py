@@ -87,6 +87,8 @@ class GameOverConfig(_Strict):
     source: Literal["http", "process", "gpio", "none"] = "http"
     # Not in the section 7 sample, which names no input pin: only for source = "gpio".
     pin: Annotated[int, Field(ge=0, le=27)] | None = None
+    # Not in the section 7 sample: the game to launch per credit, for source = "process".
+    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
 
 
 class ScreenConfig(_Strict):
@@ -123,6 +125,12 @@ class AgentConfig(_Strict):
             raise ConfigError(f"mqtt.topic_prefix: {exc}") from None
         if self.gameover.source == "gpio" and self.gameover.pin is None:
             raise ConfigError('gameover.pin: required when gameover.source is "gpio"')
+        if self.gameover.source == "process":
+            if self.gameover.command is None:
+                raise ConfigError('gameover.command: required when gameover.source is "process"')
+            if self.coin.mode != "session":
+                # Pulse mode hands every credit over at once: no game to launch per credit.
+                raise ConfigError('gameover.source: "process" needs coin.mode = "session"')
         if self.gameover.pin is not None and self.gameover.pin == self.coin.pin:
             raise ConfigError("gameover.pin: must differ from coin.pin")
         _split_listen(self.screen.listen)

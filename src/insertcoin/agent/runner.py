@@ -9,13 +9,15 @@ import structlog
 from pydantic import BaseModel
 
 from insertcoin import __version__
-from insertcoin.agent.config import AgentConfig, ConfigError
+from insertcoin.agent.config import AgentConfig
 from insertcoin.agent.inputs.gpio import GpioGameOver
+from insertcoin.agent.inputs.process import ProcessGames
 from insertcoin.agent.journal import Journal
 from insertcoin.agent.machine import Machine
 from insertcoin.agent.outputs import Output
 from insertcoin.agent.outputs.command import CommandOutput
 from insertcoin.agent.outputs.gpio import GpioOutput
+from insertcoin.agent.outputs.keyboard import KeyboardOutput
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.screen import Screen
 from insertcoin.agent.session import Session
@@ -44,7 +46,7 @@ def build_output(config: AgentConfig) -> Output:
     if coin.output == "gpio":
         assert coin.pin is not None  # the config validator demands it
         return GpioOutput(coin.pin, coin.active_high, coin.pulse_ms, coin.gap_ms)
-    raise ConfigError(f'coin.output: "{coin.output}" is not available in this installation')
+    return KeyboardOutput(coin.key, coin.pulse_ms, coin.gap_ms)
 
 
 class Agent:
@@ -55,8 +57,6 @@ class Agent:
         self.config = config
         self.machine_id = config.machine_id
         self.output = output or build_output(config)
-        if config.gameover.source == "process":
-            raise ConfigError('gameover.source: "process" is not available in this build')
         self.journal = Journal(Path(config.journal.path))
         self.machine = Machine(
             config.machine_id,
@@ -80,9 +80,22 @@ class Agent:
         if config.gameover.source == "gpio":
             assert config.gameover.pin is not None  # the config validator demands it
             self._gameover_input = GpioGameOver(config.gameover.pin, self._input_game_over)
+        self._games: ProcessGames | None = None
+        if config.gameover.source == "process":
+            assert config.gameover.command is not None  # the config validator demands it
+            self._games = ProcessGames(
+                config.gameover.command,
+                self._game_env,
+                self._input_game_over,
+                is_playing=lambda: self.machine.state == "playing",
+            )
+            self.subscribe(self._games.changed)
 
     def start(self) -> None:
         self.machine.start()
+        if self._games is not None:
+            # A game that was playing when the agent last stopped is launched again.
+            self._games.changed()
         self.session.start()
         self._screen.start()
         log.info("agent_started", machineId=self.machine_id, mode=self.config.coin.mode)
@@ -93,7 +106,15 @@ class Agent:
         except ValueError as exc:
             log.info("game_over_ignored", reason=str(exc))
 
+    def _game_env(self) -> dict[str, str]:
+        return {
+            "INSERTCOIN_MACHINE_ID": self.machine_id,
+            "INSERTCOIN_CREDITS": str(self.machine.credits),
+        }
+
     def stop(self) -> None:
+        if self._games is not None:
+            self._games.stop()
         if self._gameover_input is not None:
             self._gameover_input.close()
         self._screen.stop()

@@ -2,11 +2,12 @@
 
 A server (SQLite in a temporary directory, an embedded MQTT broker, simulated Stripe)
 and three simulated cabinets: real agents in `session` mode with recording outputs,
-whose games last a few seconds. `--smoke` makes one purchase by itself and exits.
+whose games are a stand-in process that lasts a few seconds. `--smoke` makes one
+purchase by itself and exits.
 """
 
-import contextlib
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -64,35 +65,6 @@ class DemoCabinet:
     pay_url: str
 
 
-class _Games:
-    """Plays each game for a few seconds, then reports game over: the demo's player."""
-
-    def __init__(self, agent: Agent, seconds: float) -> None:
-        self._agent = agent
-        self._seconds = seconds
-        self._timer: threading.Timer | None = None
-        self._lock = threading.Lock()
-        agent.subscribe(self._changed)
-
-    def _changed(self) -> None:
-        with self._lock:
-            if self._agent.snapshot()["state"] == "playing" and self._timer is None:
-                self._timer = threading.Timer(self._seconds, self._end)
-                self._timer.daemon = True
-                self._timer.start()
-
-    def _end(self) -> None:
-        with self._lock:
-            self._timer = None
-        with contextlib.suppress(ValueError):  # the player's game ended some other way
-            self._agent.game_over()
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-
-
 class Demo:
     def __init__(self, workdir: Path, port: int, game_seconds: float = GAME_SECONDS) -> None:
         self.workdir = workdir
@@ -111,7 +83,6 @@ class Demo:
         )
         self.runtime = Runtime(self.settings)
         self.cabinets: list[DemoCabinet] = []
-        self._games: list[_Games] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._game_seconds = game_seconds
@@ -159,13 +130,20 @@ class Demo:
                 },
                 "journal": {"path": str(self.workdir / f"{machine_id}.journal.db")},
                 "coin": {"mode": "session", "output": "simulated"},
-                "gameover": {"source": "http"},
+                # The player: a stand-in game process that plays for a few seconds.
+                "gameover": {
+                    "source": "process",
+                    "command": [
+                        sys.executable,
+                        "-c",
+                        f"import time; time.sleep({self._game_seconds})",
+                    ],
+                },
                 "screen": {"listen": f"127.0.0.1:{listen_port}"},
             }
         )
         agent = Agent(config)
         agent.start()
-        self._games.append(_Games(agent, self._game_seconds))
         self.cabinets.append(
             DemoCabinet(
                 machine_id,
@@ -231,8 +209,6 @@ class Demo:
         return None if found is None else str(found["state"])
 
     def stop(self) -> None:
-        for games in self._games:
-            games.stop()
         for cabinet in self.cabinets:
             cabinet.agent.stop()
         if self._server is not None:
