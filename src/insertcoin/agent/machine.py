@@ -7,7 +7,9 @@ Every credit is spent in the journal before its pulses go out: a crash loses at 
 credit in flight, never doubles one.
 """
 
+import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -58,6 +60,9 @@ class Machine:
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self.fault: str | None = None  # why the cabinet is out of service
+        # Test hook (tests/agent_faults): "received", "journaled" or "pulsed" makes the
+        # process SIGKILL itself at that point of a new grant, to prove each crash is safe.
+        self._crash_at = os.environ.get("INSERTCOIN_AGENT_CRASH_AT")
 
     @property
     def state(self) -> State:
@@ -102,6 +107,7 @@ class Machine:
         if pulse.machine_id != self.machine_id:
             log.warning("coinpulse_not_ours", machineId=pulse.machine_id, creditId=pulse.credit_id)
             return
+        self._crash_point("received")
         with self._lock:
             recorded = self._decide(pulse)
         self._ack(pulse.credit_id, recorded)
@@ -118,13 +124,19 @@ class Machine:
         recorded = self.journal.record(pulse.credit_id, pulse.credits)
         if recorded.duplicate:
             return recorded
+        self._crash_point("journaled")
         log.info("credits_added", creditId=pulse.credit_id, credits=pulse.credits)
         self._on_change()
         if self.coin.mode == "pulse":
             self._drain(pulse.credit_id)
         elif self.journal.counter().state == "attract":
             self._start_game(pulse.credit_id)
+        self._crash_point("pulsed")
         return recorded
+
+    def _crash_point(self, point: str) -> None:
+        if self._crash_at == point:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _reject(self, pulse: CoinPulse, reason: str) -> Recorded:
         log.warning("coinpulse_rejected", creditId=pulse.credit_id, reason=reason)
