@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from insertcoin import logs
-from insertcoin.agent.config import ConfigError, load_config
 
 CONFIG_ERROR_EXIT = 2
 
@@ -17,6 +16,9 @@ def agent(
     config: Annotated[Path, typer.Option("--config", help="The cabinet's TOML file.")],
 ) -> None:
     """Run the cabinet agent: receive credits over MQTT, pass them to the game."""
+    # Imported here: `insertcoin serve` registers this command too, and must not pay for
+    # the agent's modules at start-up.
+    from insertcoin.agent.config import ConfigError, load_config  # noqa: PLC0415
     from insertcoin.agent.runner import Agent  # noqa: PLC0415
 
     try:

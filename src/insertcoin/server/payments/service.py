@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 STANDIN_PATH = "/_stripe"
 _SIMULATED_KEY = "sk_test_insertcoin_simulated"
+_WARM_UP_DELAY = 3.0
 
 
 def _local_stripe(settings: Settings, api_base: str, webhook_secret: str) -> "StandIn":
@@ -90,6 +91,10 @@ class Payments:
             reconcile_interval=settings.reconcile_interval_seconds,
             backoff=backoff,
         )
+        # The SDK import (≈ 0.25 s of CPU) happens in the background once start-up is
+        # done: started at once, it would compete with start-up for the GIL.
+        self._warm_up = threading.Timer(_WARM_UP_DELAY, self.gateway.warm_up)
+        self._warm_up.daemon = True
         self._inbox: GroupCommit[inbox.InboxEvent, tuple[inbox.InboxEvent, bool]] = GroupCommit(
             db, "event_inbox", self._store, after=self._stored
         )
@@ -125,13 +130,13 @@ class Payments:
     def start(self) -> None:
         if self.standin is not None:
             self.standin.start()
-        # The SDK import (≈ 0.25 s) happens here, off the start-up path.
-        threading.Thread(target=self.gateway.warm_up, name="stripe-warm-up", daemon=True).start()
+        self._warm_up.start()
         self._inbox.start()
         self.intake.start()
         self.settlement.start()
 
     def stop(self) -> None:
+        self._warm_up.cancel()
         self.settlement.stop()
         self.intake.stop()
         self._inbox.stop()
