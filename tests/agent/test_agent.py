@@ -4,7 +4,7 @@ creditId is applied once, expired and foreign grants add nothing, session mode p
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from insertcoin.agent.config import parse_config
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
-from tests.support.server import ServerThread, add_cabinet, make_settings
-from tests.support.services import Mosquitto, free_port, mosquitto
+from tests.support.server import ServerThread, add_cabinet
+from tests.support.services import Mosquitto, free_port
 
 PULSES_PER_CREDIT = 2
 
@@ -68,29 +68,6 @@ class Watcher:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def topics() -> Topics:
-    return Topics(f"test/{uuid.uuid4().hex[:8]}/machine")
-
-
-@pytest.fixture(scope="module")
-def server(
-    broker: Mosquitto, topics: Topics, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
-    db = tmp_path_factory.mktemp("server") / "insertcoin.db"
-    running = ServerThread(make_settings(f"sqlite:///{db}", broker.url, topics.prefix))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def start_agent(

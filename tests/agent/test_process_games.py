@@ -5,7 +5,6 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.protocol import TopicKind, Topics
 from tests.agent.test_agent import Watcher, comp, grant_state, wait_until
-from tests.support.server import ServerThread, add_cabinet, make_settings
-from tests.support.services import Mosquitto, free_port, mosquitto
+from tests.support.server import ServerThread, add_cabinet
+from tests.support.services import Mosquitto, free_port
 
 # A stand-in game: logs its environment, then plays until the test writes end-<n>.
 GAME = """
@@ -30,29 +29,6 @@ n = len((d / "games.log").read_text().splitlines())
 while not (d / f"end-{n}").exists():
     time.sleep(0.02)
 """
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def topics() -> Topics:
-    return Topics(f"test/{uuid.uuid4().hex[:8]}/machine")
-
-
-@pytest.fixture(scope="module")
-def server(
-    broker: Mosquitto, topics: Topics, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
-    db = tmp_path_factory.mktemp("server") / "insertcoin.db"
-    running = ServerThread(make_settings(f"sqlite:///{db}", broker.url, topics.prefix))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def config_data(machine_id: str, tmp_path: Path, command: list[str]) -> dict[str, Any]:

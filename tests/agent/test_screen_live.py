@@ -23,31 +23,8 @@ from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.protocol import TopicKind, Topics
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, FIX, _unavailable
-from tests.support.server import ServerThread, add_cabinet, make_settings
-from tests.support.services import Mosquitto, free_port, mosquitto
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def topics() -> Topics:
-    return Topics(f"test/{uuid.uuid4().hex[:8]}/machine")
-
-
-@pytest.fixture(scope="module")
-def server(
-    broker: Mosquitto, topics: Topics, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
-    db = tmp_path_factory.mktemp("server") / "insertcoin.db"
-    running = ServerThread(make_settings(f"sqlite:///{db}", broker.url, topics.prefix))
-    try:
-        yield running
-    finally:
-        running.stop()
+from tests.support.server import ServerThread, add_cabinet
+from tests.support.services import Mosquitto, free_port
 
 
 @pytest.fixture(scope="module")
