@@ -13,11 +13,15 @@ A private Mosquitto; the bench publishes the grants itself, as the server would 
 * RSS and start-up: `python -m insertcoin agent --config cabinet.toml` as a child.
   Start-up is spawn → the retained `status` with online:true seen by a subscriber
   (median of --starts); baseline `python -c "import paho.mqtt.client"`. RSS is read from
-  /proc after start and after --rss-grants grants.
+  /proc after start, after --rss-grants grants with at most IN_FLIGHT unacknowledged (the
+  target), and after as many again published at once (reported, for the worst case).
+  Bytecode is compiled first, as `pip install` leaves it on a cabinet.
 """
 
 import argparse
+import compileall
 import datetime as dt
+import importlib
 import json
 import logging
 import os
@@ -49,8 +53,11 @@ from insertcoin.agent.runner import Agent
 from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
 
 TARGET_P99_MS = 10.0
-TARGET_RSS_MIB = 40.0
+TARGET_RSS_MIB = 40e6 / 2**20  # the issue's 40 MB, as /proc reports it
 TARGET_START_SECONDS = 1.0
+# Grants a cabinet sees at once: each is a purchase, and the server publishes them as they
+# are paid. The flood (every grant published before the first is acked) is reported too.
+IN_FLIGHT = 50
 PREFIX = f"bench/agent-{uuid.uuid4().hex[:6]}"
 TOPICS = Topics(PREFIX)
 
@@ -237,23 +244,12 @@ def measure_child(broker: Mosquitto, workdir: Path, rss_grants: int, starts: int
             child.wait_online()
             time.sleep(0.5)  # let start-up work (first status, config) settle
             after_start = rss_mib(child.process.pid)
-            acked = [0]
-            done = threading.Event()
-
-            def on_ack(_message: paho.MQTTMessage) -> None:
-                acked[0] += 1
-                if acked[0] >= rss_grants:
-                    done.set()
-
-            watcher.on(TOPICS.topic(child.machine_id, TopicKind.ACK), on_ack)
-            topic = TOPICS.topic(child.machine_id, TopicKind.COINPULSE)
-            began = time.perf_counter()
-            for i in range(rss_grants):
-                watcher.publish(topic, coinpulse(child.machine_id, f"cr_rss_{i:08d}"))
-            if not done.wait(300):
-                raise TimeoutError(f"only {acked[0]} of {rss_grants} grants acked")
-            span = time.perf_counter() - began
+            acks = threading.Semaphore(0)
+            watcher.on(TOPICS.topic(child.machine_id, TopicKind.ACK), lambda _m: acks.release())
+            paced = send_grants(watcher, child.machine_id, "paced", rss_grants, IN_FLIGHT, acks)
             after_grants = rss_mib(child.process.pid)
+            flood = send_grants(watcher, child.machine_id, "flood", rss_grants, rss_grants, acks)
+            after_flood = rss_mib(child.process.pid)
         finally:
             child.stop()
     finally:
@@ -263,9 +259,33 @@ def measure_child(broker: Mosquitto, workdir: Path, rss_grants: int, starts: int
         "startup_median_seconds": round(statistics.median(startup), 4),
         "rss_after_start_mib": after_start,
         "rss_after_grants_mib": after_grants,
+        "rss_after_flood_mib": after_flood,
         "rss_grants": rss_grants,
-        "grants_per_second": round(rss_grants / span, 1),
+        "in_flight": IN_FLIGHT,
+        "grants_per_second": round(rss_grants / paced, 1),
+        "flood_grants_per_second": round(rss_grants / flood, 1),
     }
+
+
+def send_grants(
+    watcher: Client,
+    machine_id: str,
+    name: str,
+    count: int,
+    window: int,
+    acks: threading.Semaphore,
+) -> float:
+    """Publish `count` grants with at most `window` unacknowledged; seconds until all acked."""
+    topic = TOPICS.topic(machine_id, TopicKind.COINPULSE)
+    began = time.perf_counter()
+    for i in range(count):
+        if i >= window and not acks.acquire(timeout=30):
+            raise TimeoutError(f"{name}: no ack for 30 s after {i - window} grants")
+        watcher.publish(topic, coinpulse(machine_id, f"cr_{name}_{i:08d}"))
+    for _ in range(min(window, count)):
+        if not acks.acquire(timeout=60):
+            raise TimeoutError(f"{name}: grants left unacknowledged")
+    return time.perf_counter() - began
 
 
 def import_baseline(runs: int) -> dict[str, Any]:
@@ -282,8 +302,8 @@ def import_baseline(runs: int) -> dict[str, Any]:
 
 RSS_BASELINES = {
     "python -c pass": "pass",
-    "import paho, pydantic, structlog, orjson": (
-        "import paho.mqtt.client, pydantic, structlog, orjson"
+    "import paho, msgspec, structlog, orjson": (
+        "import paho.mqtt.client, msgspec, structlog, orjson"
     ),
     "import insertcoin.agent.runner": "import insertcoin.agent.runner",
 }
@@ -301,6 +321,21 @@ def rss_baseline() -> dict[str, float]:
     return out
 
 
+def compile_bytecode() -> int:
+    """Compile every module the agent command imports, as `pip install` does on a cabinet.
+
+    A uv venv made without --compile-bytecode (or under PYTHONDONTWRITEBYTECODE) has no
+    .pyc files, and compiling paho's 200 KB client at each start would cost the child
+    8 MiB and 0.1 s that no installed agent pays."""
+    importlib.import_module("insertcoin.cli")
+    importlib.import_module("insertcoin.agent.cli")
+    files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+    sources = sorted(f for f in files if f and f.endswith(".py"))
+    for source in sources:
+        compileall.compile_file(source, quiet=2)
+    return len(sources)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grants", type=int, default=1000)
@@ -308,6 +343,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/agent.json"))
     args = parser.parse_args()
+    print(f"compiled bytecode of {compile_bytecode()} modules the agent imports", flush=True)
     # The in-process agent logs every grant at info; its lines are not what is measured.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
@@ -341,14 +377,23 @@ def main() -> None:
     rss_rows = [
         ["after start", child["rss_after_start_mib"]["now"], child["rss_after_start_mib"]["peak"]],
         [
-            f"after {args.rss_grants} grants",
+            f"after {args.rss_grants} grants ({IN_FLIGHT} in flight)",
             child["rss_after_grants_mib"]["now"],
             child["rss_after_grants_mib"]["peak"],
         ],
+        [
+            f"after {args.rss_grants} more, all at once",
+            child["rss_after_flood_mib"]["now"],
+            child["rss_after_flood_mib"]["peak"],
+        ],
     ]
     rss_rows += [[f"baseline: {name}", value, None] for name, value in rss_floor.items()]
-    print(table(["agent RSS, MiB (target ≤ 40)", "now", "peak"], rss_rows))
-    print(f"grants handled by the child: {child['grants_per_second']}/s")
+    title = f"agent RSS, MiB (target ≤ 40 MB = {TARGET_RSS_MIB:.1f} MiB)"
+    print(table([title, "now", "peak"], rss_rows))
+    print(
+        f"grants handled by the child: {child['grants_per_second']}/s paced, "
+        f"{child['flood_grants_per_second']}/s flooded"
+    )
     print()
     start_rows = [["agent spawn → retained status online", child["startup_median_seconds"]]]
     start_rows += [[name, value] for name, value in imports.items()]

@@ -46,7 +46,7 @@ PREFIX = "bench/path"
 
 
 def _measure(fn: Callable[[int], Any], count: int) -> dict[str, float]:
-    for i in range(min(20, count)):  # warm caches (SQLAlchemy compiled cache, pydantic)
+    for i in range(min(20, count)):  # warm caches (SQLAlchemy compiled cache, models)
         fn(-1 - i)
     walls = []
     cpu_start = time.process_time()
@@ -260,7 +260,7 @@ def _steps(runtime: Runtime, count: int) -> dict[str, dict[str, float]]:
 
     singles = make(count + 20)
     ack_topic = topics.topic("cab00", TopicKind.ACK)
-    rows["decode ack (topic + pydantic)"] = _measure(
+    rows["decode ack (topic + msgspec)"] = _measure(
         lambda i: decode(topics, ack_topic, ack(singles[i], "cab00")), count
     )
     messages = [

@@ -104,8 +104,30 @@ def test_protocol_and_agent_load_no_server_libraries():
     """A fresh interpreter importing `insertcoin.protocol` and `insertcoin.agent` loads no
     FastAPI, SQLAlchemy, Stripe, Alembic (nor any other server library or module)."""
     loaded = _modules_after_import("insertcoin.protocol", "insertcoin.agent")
-    assert {"insertcoin.protocol", "insertcoin.agent", "pydantic"} <= loaded
+    assert {"insertcoin.protocol", "insertcoin.agent", "msgspec"} <= loaded
     assert _server_side(loaded) == []
+
+
+def test_the_agent_command_loads_neither_pydantic_nor_rich():
+    """`insertcoin agent`, through typer's parsing and up to its config check, stays off
+    pydantic and rich: together 23 MiB of the cabinet's 40 MB (bench/agent.py)."""
+    code = (
+        "import json, sys\n"
+        "sys.argv = ['insertcoin', 'agent', '--config', '/nonexistent/cabinet.toml']\n"
+        "from insertcoin.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print(json.dumps([exc.code, sorted(sys.modules)]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    code, loaded = json.loads(result.stdout)
+    assert code == 2, result.stderr  # the config error: typer parsed the command line
+    assert "cannot read" in result.stderr
+    packages = {name.split(".")[0] for name in loaded}
+    assert packages & {"pydantic", "pydantic_core", "rich", *SERVER_LIBRARIES} == set()
 
 
 def test_the_command_line_entry_loads_no_server_libraries():

@@ -5,15 +5,15 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
-from pydantic import BaseModel
 
 from insertcoin.agent.config import CoinConfig
 from insertcoin.agent.journal import Journal
 from insertcoin.agent.machine import Machine
 from insertcoin.agent.outputs.command import CommandOutput
 from insertcoin.agent.outputs.simulated import SimulatedOutput
-from insertcoin.protocol import Ack, CoinPulse, dump_message
+from insertcoin.protocol import Ack, CoinPulse, Message, dump_message
 
 
 def coinpulse(credit_id: str, credits: int = 1, machine_id: str = "cab1") -> bytes:
@@ -29,11 +29,11 @@ def coinpulse(credit_id: str, credits: int = 1, machine_id: str = "cab1") -> byt
     )
 
 
-def make(tmp_path: Path, sink: object, **coin: object) -> tuple[Machine, list[BaseModel]]:
-    sent: list[BaseModel] = []
+def make(tmp_path: Path, sink: object, **coin: object) -> tuple[Machine, list[Message]]:
+    sent: list[Message] = []
     machine = Machine(
         "cab1",
-        CoinConfig.model_validate({"output": "simulated", **coin}),
+        msgspec.convert({"output": "simulated", **coin}, CoinConfig),
         Journal(tmp_path / "agent.db"),
         sink,  # type: ignore[arg-type]
         send=lambda _kind, message: sent.append(message),

@@ -2,8 +2,7 @@
 
 import pytest
 
-from insertcoin.protocol import Price
-from insertcoin.server.cabinets.models import amount_from_decimal, format_amount
+from insertcoin.server.cabinets.models import CabinetPrice, amount_from_decimal, format_amount
 
 
 @pytest.mark.parametrize(
@@ -21,7 +20,7 @@ def test_prices_round_trip_through_minor_units(typed, currency, stored, shown):
     currencies) and is shown back the way it was meant."""
     amount = amount_from_decimal(typed, currency)
     assert amount == stored
-    assert format_amount(Price(amount=amount, currency=currency.lower())) == shown
+    assert format_amount(CabinetPrice(amount=amount, currency=currency.lower())) == shown
 
 
 @pytest.mark.parametrize("typed", ["1.001", "-1", "abc", "1.5e400", "NaN", "100000000"])

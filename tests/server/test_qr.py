@@ -18,9 +18,8 @@ import pytest
 import zxingcpp
 from PIL import Image, ImageDraw
 
-from insertcoin.protocol.messages import Price
 from insertcoin.server.cabinets import qr
-from insertcoin.server.cabinets.models import Cabinet
+from insertcoin.server.cabinets.models import Cabinet, CabinetPrice
 from tests.support.server import ServerThread, add_cabinet, make_settings
 from tests.support.services import embedded_broker
 
@@ -41,7 +40,7 @@ def _cabinet(name: str = "Pac-Man", credits_per_purchase: int = 1) -> Cabinet:
         machine_id="pacman1",
         name=name,
         enabled=True,
-        price=Price(amount=150, currency="usd"),
+        price=CabinetPrice(amount=150, currency="usd"),
         credits_per_purchase=credits_per_purchase,
         max_quantity=10,
         pay_url=f"{PUBLIC_URL}/pay/pacman1",

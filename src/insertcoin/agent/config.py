@@ -9,26 +9,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import msgspec
+from msgspec import Meta, field
 
 from insertcoin.protocol import ProtocolError, Topics
-from insertcoin.protocol.ids import MACHINE_ID_PATTERN
+from insertcoin.protocol.ids import is_machine_id
+from insertcoin.protocol.messages import describe
 from insertcoin.protocol.topics import DEFAULT_PREFIX
 
 
 class ConfigError(Exception):
     """One line, naming the key: what the operator reads instead of a traceback.
 
-    Not a ValueError, so pydantic lets it through validators unwrapped."""
+    Not a ValueError, so msgspec lets it out of `__post_init__` unwrapped."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
 
 
-class MqttTarget(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class MqttTarget(msgspec.Struct, frozen=True, kw_only=True):
     host: str
     port: int
     username: str | None
@@ -56,73 +56,77 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     )
 
 
-class MqttConfig(_Strict):
+class MqttConfig(_Strict, frozen=True, kw_only=True):
     url: str
     ca_file: str | None = None
     # Not in the section 7 sample: only for a server whose topic prefix is not the default.
     topic_prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        # Raised as ConfigError directly so the message can name the exact key.
+        try:
+            target = self.target
+        except ValueError as exc:
+            raise ConfigError(f"mqtt.url: {exc}") from None
+        if self.ca_file is not None:
+            if not target.tls:
+                raise ConfigError("mqtt.ca_file: only used with an mqtts:// url")
+            if not Path(self.ca_file).is_file():
+                raise ConfigError(f"mqtt.ca_file: no such file {self.ca_file!r}")
+        try:
+            Topics(self.topic_prefix)
+        except ProtocolError as exc:
+            raise ConfigError(f"mqtt.topic_prefix: {exc}") from None
 
     @property
     def target(self) -> MqttTarget:
         return parse_mqtt_url(self.url)
 
 
-class JournalConfig(_Strict):
+class JournalConfig(_Strict, frozen=True, kw_only=True):
     path: str
 
 
-class CoinConfig(_Strict):
+class CoinConfig(_Strict, frozen=True, kw_only=True):
     mode: Literal["pulse", "session"] = "pulse"
     output: Literal["gpio", "keyboard", "command", "simulated"]
-    pulses_per_credit: Annotated[int, Field(ge=1, le=100)] = 1
-    pulse_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
-    gap_ms: Annotated[int, Field(ge=1, le=10_000)] = 150
-    pin: Annotated[int, Field(ge=0, le=27)] | None = None
+    pulses_per_credit: Annotated[int, Meta(ge=1, le=100)] = 1
+    pulse_ms: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    gap_ms: Annotated[int, Meta(ge=1, le=10_000)] = 150
+    pin: Annotated[int, Meta(ge=0, le=27)] | None = None
     active_high: bool = True
-    key: Annotated[str, Field(pattern=r"^KEY_[A-Z0-9_]+$")] = "KEY_5"
-    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    key: Annotated[str, Meta(pattern=r"^KEY_[A-Z0-9_]+\Z")] = "KEY_5"
+    command: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = None
 
 
-class GameOverConfig(_Strict):
+class GameOverConfig(_Strict, frozen=True, kw_only=True):
     source: Literal["http", "process", "gpio", "none"] = "http"
     # Not in the section 7 sample, which names no input pin: only for source = "gpio".
-    pin: Annotated[int, Field(ge=0, le=27)] | None = None
+    pin: Annotated[int, Meta(ge=0, le=27)] | None = None
     # Not in the section 7 sample: the game to launch per credit, for source = "process".
-    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    command: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = None
 
 
-class ScreenConfig(_Strict):
+class ScreenConfig(_Strict, frozen=True, kw_only=True):
     listen: str = "127.0.0.1:8765"
 
 
-class AgentConfig(_Strict):
-    machine_id: Annotated[str, Field(pattern=MACHINE_ID_PATTERN)]
+class AgentConfig(_Strict, frozen=True, kw_only=True):
+    machine_id: str
     mqtt: MqttConfig
     journal: JournalConfig
     coin: CoinConfig
-    gameover: GameOverConfig = GameOverConfig()
-    screen: ScreenConfig = ScreenConfig()
+    gameover: GameOverConfig = field(default_factory=GameOverConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "AgentConfig":
+    def __post_init__(self) -> None:
         # Raised as ConfigError directly so the message can name the exact key.
-        try:
-            target = self.mqtt.target
-        except ValueError as exc:
-            raise ConfigError(f"mqtt.url: {exc}") from None
-        if self.mqtt.ca_file is not None:
-            if not target.tls:
-                raise ConfigError("mqtt.ca_file: only used with an mqtts:// url")
-            if not Path(self.mqtt.ca_file).is_file():
-                raise ConfigError(f"mqtt.ca_file: no such file {self.mqtt.ca_file!r}")
+        if not is_machine_id(self.machine_id):
+            raise ConfigError("machine_id: use 1-64 characters from A-Z a-z 0-9 _ -")
         if self.coin.output == "gpio" and self.coin.pin is None:
             raise ConfigError('coin.pin: required when coin.output is "gpio"')
         if self.coin.output == "command" and self.coin.command is None:
             raise ConfigError('coin.command: required when coin.output is "command"')
-        try:
-            Topics(self.mqtt.topic_prefix)
-        except ProtocolError as exc:
-            raise ConfigError(f"mqtt.topic_prefix: {exc}") from None
         if self.gameover.source == "gpio" and self.gameover.pin is None:
             raise ConfigError('gameover.pin: required when gameover.source is "gpio"')
         if self.gameover.source == "process":
@@ -134,7 +138,6 @@ class AgentConfig(_Strict):
         if self.gameover.pin is not None and self.gameover.pin == self.coin.pin:
             raise ConfigError("gameover.pin: must differ from coin.pin")
         _split_listen(self.screen.listen)
-        return self
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -148,33 +151,11 @@ def listen_address(config: AgentConfig) -> tuple[str, int]:
     return _split_listen(config.screen.listen)
 
 
-def _describe(err: Any) -> str:
-    where = ".".join(str(part) for part in err["loc"]) or "config"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{where}: unknown key"
-    if kind == "missing":
-        return f"{where}: required"
-    if where == "machine_id" and kind == "string_pattern_mismatch":
-        return f"{where}: use 1-64 characters from A-Z a-z 0-9 _ -"
-    if kind == "literal_error":
-        expected = str(err["ctx"]["expected"]).replace("'", '"')
-        return f"{where}: must be {expected}"
-    message = str(err["msg"])
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    return f"{where}: {message[:1].lower()}{message[1:]}"
-
-
 def parse_config(data: dict[str, Any]) -> AgentConfig:
     try:
-        return AgentConfig.model_validate(data)
-    except ConfigError:
-        raise
-    except ValidationError as exc:
-        # Sorted so the first line reported does not depend on pydantic's field order.
-        errors = sorted(exc.errors(include_url=False), key=lambda e: [str(p) for p in e["loc"]])
-        raise ConfigError(_describe(errors[0])) from None
+        return msgspec.convert(data, AgentConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(describe(exc, AgentConfig, "config")) from None
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Literal
 
 import structlog
-from pydantic import BaseModel
 
 from insertcoin.agent.config import CoinConfig
 from insertcoin.agent.journal import Journal, Recorded
@@ -25,6 +24,7 @@ from insertcoin.protocol import (
     Ack,
     CoinPulse,
     GameOver,
+    Message,
     ProtocolError,
     TopicKind,
     parse_message,
@@ -34,7 +34,7 @@ from insertcoin.protocol import (
 log = structlog.get_logger(__name__)
 
 State = Literal["attract", "playing", "out_of_service"]
-Send = Callable[[TopicKind, BaseModel], None]
+Send = Callable[[TopicKind, Message], None]
 
 
 class Machine:

@@ -5,8 +5,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
-from pydantic import BaseModel
 
 from insertcoin import __version__
 from insertcoin.agent.config import AgentConfig
@@ -23,6 +23,7 @@ from insertcoin.agent.screen import Screen
 from insertcoin.agent.session import Session
 from insertcoin.protocol import (
     CabinetConfig,
+    Message,
     ProtocolError,
     Status,
     TopicKind,
@@ -134,7 +135,7 @@ class Agent:
             "state": self.machine.state,
             "credits": self.machine.credits,
             "mode": self.config.coin.mode,
-            "price": cabinet.price.model_dump() if cabinet else None,
+            "price": msgspec.structs.asdict(cabinet.price) if cabinet else None,
             "creditsPerPurchase": cabinet.credits_per_purchase if cabinet else None,
             "payUrl": cabinet.pay_url if cabinet else None,
             "name": cabinet.name if cabinet else None,
@@ -160,7 +161,7 @@ class Agent:
             agent_version=__version__,
         )
 
-    def _send(self, kind: TopicKind, message: BaseModel) -> None:
+    def _send(self, kind: TopicKind, message: Message) -> None:
         self.session.publish(kind, dump_message(message))
 
     def _changed(self) -> None:

@@ -48,7 +48,7 @@ def amount_from_decimal(price: str, currency: str) -> int:
     return int(amount)
 
 
-def format_amount(price: Price) -> str:
+def format_amount(price: "CabinetPrice") -> str:
     """100 usd → '1.00 USD'; 500 jpy → '500 JPY'."""
     exponent = _exponent(price.currency)
     return f"{Decimal(price.amount).scaleb(-exponent):.{exponent}f} {price.currency.upper()}"
@@ -81,6 +81,13 @@ class PriceIn(_Model):
         return Price(amount=self.amount, currency=self.currency.lower())
 
 
+class CabinetPrice(_Model):
+    """A cabinet's price as the operator API shows it (the wire's `Price`, in pydantic)."""
+
+    amount: int
+    currency: str
+
+
 class CabinetCreate(_Model):
     machine_id: Annotated[str, Field(pattern=MACHINE_ID_PATTERN)]
     name: CabinetName
@@ -106,7 +113,7 @@ class Cabinet(_Model):
     machine_id: str
     name: str
     enabled: bool
-    price: Price
+    price: CabinetPrice
     credits_per_purchase: int
     max_quantity: int
     pay_url: str

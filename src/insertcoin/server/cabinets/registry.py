@@ -14,6 +14,7 @@ from insertcoin.server.cabinets.models import (
     Cabinet,
     CabinetCreate,
     CabinetPatch,
+    CabinetPrice,
     MqttCredentials,
     NewCabinet,
 )
@@ -44,7 +45,7 @@ class CabinetRegistry:
             machine_id=row["machine_id"],
             name=row["name"],
             enabled=row["enabled"],
-            price=Price(amount=row["price_amount"], currency=row["price_currency"]),
+            price=CabinetPrice(amount=row["price_amount"], currency=row["price_currency"]),
             credits_per_purchase=row["credits_per_purchase"],
             max_quantity=row["max_quantity"],
             pay_url=self._settings.pay_url(row["machine_id"]),

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from insertcoin.protocol import format_timestamp
 from insertcoin.protocol.ids import TEXT_PATTERN
 from insertcoin.protocol.messages import MAX_CREDITS_PER_GRANT
 from insertcoin.server.cabinets.models import Cabinet, CabinetCreate, CabinetPatch, NewCabinet
@@ -68,7 +69,7 @@ async def comp_credits(
         machine_id=machine_id,
         credits=pulse.credits,
         state=grants.PENDING,
-        expires_at=pulse.model_dump(mode="json")["expires_at"],
+        expires_at=format_timestamp(pulse.expires_at),
     )
 
 
