@@ -15,10 +15,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from insertcoin.agent.config import parse_config
+from insertcoin.agent.journal import Journal
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
+from insertcoin.agent.session import client_id_for
 from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
-from tests.support.server import ServerThread, add_cabinet
+from tests.support.server import ServerThread, add_cabinet, make_settings
 from tests.support.services import Mosquitto, free_port
 
 PULSES_PER_CREDIT = 2
@@ -195,3 +197,65 @@ def test_session_mode_plays_one_credit_per_game(
     finally:
         watcher.stop()
         agent.stop()
+
+
+def test_an_apply_whose_every_ack_was_lost_is_reported_on_coming_back(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The agent applied a grant, then was out of reach until after expiresAt + grace
+    with every ack lost, so the server marked the grant expired. Coming online, the
+    agent's retained status names its latest applied creditIds, and the server records
+    the grant as applied after all (`applied_late` in its history)."""
+    topics = Topics(f"t/{uuid.uuid4().hex[:8]}")
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'server.db'}", broker.url, topics.prefix, credit_ttl_seconds=0.5
+    )
+    server = ServerThread(settings)
+    watcher = Watcher(broker, [f"{topics.prefix}/+/status"])
+    try:
+        agent, _, machine_id = start_agent(server, broker, topics, tmp_path, "pulse")
+        agent.stop()  # out of reach from here on
+        credit_id = comp(server, machine_id, 1)
+        wait_until(lambda: grant_state(server, credit_id) == "expired")
+        # What the lost acks stood for: the agent took the grant and journaled it. And
+        # the broker lost the re-sends it held for the agent (a restart without its data).
+        journal = Journal(tmp_path / "agent.db")
+        journal.record(credit_id, 1)
+        journal.close()
+        forget_session(broker, client_id_for(machine_id))
+
+        agent, _, _ = start_agent_again(agent, tmp_path)
+        try:
+            wait_until(lambda: grant_state(server, credit_id) == "applied")
+            reported = [
+                status["appliedCreditIds"]
+                for status in watcher.find("status", machineId=machine_id, online=True)
+                if "appliedCreditIds" in status
+            ]
+            assert reported == [[credit_id]]
+            history = server.admin.get(f"/api/grants/{credit_id}").json()["history"]
+            assert [e["event"] for e in history][-1] == "applied_late"
+        finally:
+            agent.stop()
+    finally:
+        watcher.stop()
+        server.stop()
+
+
+def forget_session(broker: Mosquitto, client_id: str) -> None:
+    """Drop the broker's persistent session of `client_id`, and what it queued."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    wait_until(client.is_connected)
+    client.disconnect()
+    client.loop_stop()
+
+
+def start_agent_again(agent: Agent, tmp_path: Path) -> tuple[Agent, SimulatedOutput, str]:
+    """The same cabinet's agent, with the same config and journal, started again."""
+    output = SimulatedOutput()
+    again = Agent(agent.config, output=output)
+    again.start()
+    assert again.wait_online(10)
+    return again, output, agent.machine_id

@@ -36,6 +36,20 @@ def test_survives_reopen(tmp_path: Path) -> None:
     assert reopened.counter().state == "playing"
 
 
+def test_recent_applied_lists_the_latest_applies_oldest_first(tmp_path: Path) -> None:
+    """What the coming-online status reports: applied creditIds only, the latest
+    `limit`, in the order they were applied."""
+    journal = Journal(tmp_path / "agent.db")
+    assert journal.recent_applied(3) == ()
+    for n in range(5):
+        journal.record(f"cr_{n}", 1)
+    journal.reject("cr_refused", 1, "expired")
+    journal.record("cr_2", 1)  # a duplicate changes nothing
+    assert journal.recent_applied(3) == ("cr_2", "cr_3", "cr_4")
+    assert journal.recent_applied(10) == ("cr_0", "cr_1", "cr_2", "cr_3", "cr_4")
+    journal.close()
+
+
 def test_take_one_never_goes_negative(tmp_path: Path) -> None:
     """Spending a credit when none is held changes nothing."""
     journal = Journal(tmp_path / "agent.db")

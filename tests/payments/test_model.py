@@ -77,7 +77,14 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import insert, make_url, select, text
 
-from insertcoin.protocol.messages import Ack, CoinPulse, Status, dump_message, parse_message
+from insertcoin.protocol.messages import (
+    RECENT_APPLIED,
+    Ack,
+    CoinPulse,
+    Status,
+    dump_message,
+    parse_message,
+)
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.cabinets.models import CabinetPatch
@@ -374,16 +381,20 @@ class PurchaseModel(RuleBasedStateMachine):
         return self.world.client
 
     def _status(self, cabinet: Cabinet) -> None:
-        """The cabinet's retained `status`, as the listener hands it on."""
+        """The cabinet's retained `status`, as the listener hands it on. Coming online,
+        it names the cabinet's latest applied creditIds, as the agent does."""
         cabinet.status_seq += 1
         if cabinet.online:
+            applied = tuple(cabinet.journal)[-RECENT_APPLIED:]
             status = Status(
                 machine_id=cabinet.machine_id,
                 online=True,
                 state="attract",
                 credits=cabinet.credits,
                 timestamp=datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=cabinet.status_seq),
+                applied_credit_ids=applied or None,
             )
+            self.heard.update(applied)  # as good as an applied ack for each
         else:
             status = Status(machine_id=cabinet.machine_id, online=False)
         topic = self.topics.topic(cabinet.machine_id, TopicKind.STATUS)
@@ -941,8 +952,9 @@ class PurchaseModel(RuleBasedStateMachine):
         applied = {c for c, g in granted.items() if g["state"] == grants.APPLIED}
         # The server knows a grant was applied exactly when an applied ack reached it.
         assert applied == self.heard & set(granted), "the server lost or invented an ack"
-        # Credits the server cannot know of: every ack of the grant was lost, and the
-        # cabinet was out of reach for every re-send until expiresAt + grace (see
+        # Credits the server cannot know of yet: every ack of the grant was lost, the
+        # cabinet was out of reach for every re-send until expiresAt + grace, and it has
+        # not come online since (its status would name them: see
         # test_applied_grant_whose_every_ack_was_lost). The player was not charged.
         unseen = journaled - applied
         for purchase in bought:
@@ -1148,32 +1160,33 @@ def test_applied_ack_after_a_rejection_is_kept(
         machine.server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol gap: nothing re-sends an applied ack once the grant's re-sends stop "
-    "(expiresAt + grace), so a cabinet out of reach that long keeps credits the server "
-    "never learns of",
-)
 def test_applied_grant_whose_every_ack_was_lost(
     db_url: str, stripe_standin: StandInThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A cabinet applies a grant, its ack is lost, and it is out of reach until after
-    expiresAt + grace, so no re-send reaches it and it never acks again. The player is
-    not charged (voided), but the cabinet holds the credits and nothing says so: the
-    guarantee "credits on cabinets = credits of credited purchases" (scenario 10) does
-    not hold, and the purchase is not flagged `needs_attention` either."""
+    expiresAt + grace, so no re-send reaches it and it never acks again: the player is
+    not charged (voided) while the cabinet holds the credits. When it comes back, its
+    status names the creditId (`appliedCreditIds`, an addition to PROTOCOL section 2):
+    the grant becomes applied (late) and the purchase `needs_attention`, so the
+    operator is told of credits given without payment."""
     machine = PurchaseModel(_world(db_url, stripe_standin, monkeypatch, tmp_path))
     try:
         machine.buy(cabinet=0, quantity=1, paid=1, how="card")
         machine.reconcile()
         machine.cabinet_receives(pick=0, keep=False, refuse=False)  # applied
         machine.broker_loses(pick=0)  # its ack
+        machine.cabinet_changes(cabinet=0, what="online")  # out of reach: its Will
         machine.time_passes(seconds="expiry")  # every re-send went unanswered
+        machine.settle()
+        [purchase] = machine._purchases()
+        assert purchase["state"] == purchases.VOIDED, purchase["state"]
+        machine.cabinet_changes(cabinet=0, what="online")  # back
         machine.settle()
         cabinet = machine.cabinets[machine.machine_ids[0]]
         [purchase] = machine._purchases()
         assert cabinet.credits == 1
         assert purchase["state"] == purchases.NEEDS_ATTENTION, purchase["state"]
+        assert "applied_late" in machine.grant_history(purchase["credit_id"])
     finally:
         machine.server.close()
 

@@ -28,6 +28,7 @@ from insertcoin.protocol.messages import (
     MAX_CREDITS_PER_GRANT,
     MAX_PAYLOAD_BYTES,
     MODELS,
+    RECENT_APPLIED,
 )
 
 T0 = datetime(2024, 7, 1, 12, 0, tzinfo=UTC)
@@ -61,6 +62,7 @@ VALID: dict[type, dict[str, Any]] = {
         "credits": 3,
         "timestamp": "2024-07-01T12:00:00Z",
         "agentVersion": "1.2.3",
+        "appliedCreditIds": ["cr_0122", "cr_0123"],
     },
     CabinetConfig: {
         "machineId": "arcade123",
@@ -175,7 +177,12 @@ def test_missing_required_key_is_rejected_naming_it(model, key):
 
 @pytest.mark.parametrize(
     ("model", "key"),
-    [(Ack, "reason"), (GameOver, "creditsLeft"), (Status, "agentVersion")],
+    [
+        (Ack, "reason"),
+        (GameOver, "creditsLeft"),
+        (Status, "agentVersion"),
+        (Status, "appliedCreditIds"),
+    ],
 )
 def test_optional_keys_may_be_left_out(model, key):
     """Keys marked optional (`?` in PROTOCOL) may be absent."""
@@ -227,6 +234,10 @@ WRONG_TYPES = [
     (Status, "timestamp", "2024-07-01T12:00:00"),  # naive
     (Status, "agentVersion", 1),
     (Status, "agentVersion", "v" * 65),
+    (Status, "appliedCreditIds", "cr_0123"),
+    (Status, "appliedCreditIds", ["a/b"]),
+    (Status, "appliedCreditIds", [1]),
+    (Status, "appliedCreditIds", [f"cr_{i}" for i in range(RECENT_APPLIED + 1)]),
     (CabinetConfig, "price", {"amount": "100", "currency": "usd"}),
     (CabinetConfig, "price", {"amount": 1.5, "currency": "usd"}),
     (CabinetConfig, "price", {"amount": -1, "currency": "usd"}),

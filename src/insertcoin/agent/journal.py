@@ -105,6 +105,15 @@ class Journal:
                 raise
         return Recorded(result, reason, duplicate=False)
 
+    def recent_applied(self, limit: int) -> tuple[str, ...]:
+        """The latest `limit` creditIds applied, oldest first (rowid is insertion order)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT credit_id FROM grants WHERE result = 'applied' ORDER BY rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return tuple(row[0] for row in reversed(rows))
+
     def counter(self) -> Counter:
         with self._lock:
             credits, state = self._db.execute(

@@ -31,6 +31,7 @@ from insertcoin.protocol import (
     parse_message,
     utc_now,
 )
+from insertcoin.protocol.messages import RECENT_APPLIED
 
 log = structlog.get_logger(__name__)
 
@@ -151,7 +152,7 @@ class Agent:
         with self._listeners_lock:
             self._listeners.append(callback)
 
-    def _status(self, *, online: bool) -> Status:
+    def _status(self, *, online: bool, applied: tuple[str, ...] | None = None) -> Status:
         return Status(
             machine_id=self.machine_id,
             online=online,
@@ -159,6 +160,7 @@ class Agent:
             credits=self.machine.credits,
             timestamp=utc_now(),
             agent_version=__version__,
+            applied_credit_ids=applied,
         )
 
     def _send(self, kind: TopicKind, message: Message) -> None:
@@ -180,9 +182,11 @@ class Agent:
     def _online_changed(self, online: bool) -> None:
         if online:
             # Retained: replaces the Will's offline status a previous drop may have left.
-            self.session.publish(
-                TopicKind.STATUS, dump_message(self._status(online=True)), retain=True
-            )
+            # It names the latest applied creditIds: an ack lost while the server had
+            # stopped re-sending (expiresAt + grace) would otherwise never be known.
+            applied = self.journal.recent_applied(RECENT_APPLIED)
+            status = self._status(online=True, applied=applied or None)
+            self.session.publish(TopicKind.STATUS, dump_message(status), retain=True)
         self._notify()
 
     def _received(self, kind: TopicKind, payload: bytes) -> None:

@@ -25,6 +25,8 @@ MAX_CREDITS_PER_GRANT = 1000
 MAX_CREDIT_BALANCE = 1_000_000
 MAX_CREDITS_PER_PURCHASE = 100
 MAX_PRICE_AMOUNT = 99_999_999  # Stripe's own ceiling for one amount
+# How many of its latest applied creditIds a cabinet reports when it (re)connects.
+RECENT_APPLIED = 20
 
 
 def _whole(pattern: str) -> str:
@@ -88,7 +90,11 @@ class GameOver(Message, frozen=True, kw_only=True):
 
 
 class Status(Message, frozen=True, kw_only=True):
-    """Retained presence. The Last Will carries only `machineId` and `online: false`."""
+    """Retained presence. The Last Will carries only `machineId` and `online: false`.
+
+    `appliedCreditIds` (an addition to PROTOCOL section 2): the cabinet's latest applied
+    creditIds, sent when it comes online, so that a grant whose every ack was lost while
+    the cabinet was out of reach is still learnt of once it is back."""
 
     _timestamps = ("timestamp",)
 
@@ -97,6 +103,9 @@ class Status(Message, frozen=True, kw_only=True):
     credits: Annotated[int, Meta(ge=0, le=MAX_CREDIT_BALANCE)] | None = None
     timestamp: Timestamp | None = None
     agent_version: Annotated[str, Meta(max_length=64, pattern=r"^[\x20-\x7e]*\Z")] | None = None
+    applied_credit_ids: Annotated[tuple[CreditId, ...], Meta(max_length=RECENT_APPLIED)] | None = (
+        None
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,6 +27,8 @@ _MODELS: dict[TopicKind, type[Ack | Status | GameOver]] = {
 
 
 _SETTLING = frozenset([grants.APPLIED, grants.REJECTED, "applied_late"])
+# Recorded as the reason of the applies a status reports (see `_reported_acks`).
+REPORTED_IN_STATUS = "reported in the cabinet's status when it came online"
 
 # Built once: a fresh select() costs more to build and hash than to run.
 _KNOWN = select(cabinets.c.machine_id).where(
@@ -72,6 +74,7 @@ class CabinetEvents:
         now = utc_now()
         logs: list[tuple[str, dict[str, Any]]] = []
         settled: list[str] = []
+        reported: set[str] = set()
         with self._db.write() as conn:
             ids = sorted({m.machine_id for m in batch})
             known = set(conn.execute(_KNOWN, {"ids": ids}).scalars())
@@ -84,6 +87,9 @@ class CabinetEvents:
                     acks.append((item.machine_id, message))
                 elif isinstance(message, Status):
                     apply_status(conn, message, now)
+                    more = _reported_acks(message)
+                    acks.extend((item.machine_id, ack) for ack in more)
+                    reported.update(ack.credit_id for ack in more)
                     logs.append(
                         (
                             "cabinet_status",
@@ -115,6 +121,10 @@ class CabinetEvents:
         for event, fields in logs:
             log.info(event, **fields)
         for outcome in outcomes:
+            if outcome.credit_id in reported and outcome.event in ("duplicate", "ignored"):
+                # The usual case: the cabinet repeats what the server already knows.
+                log.debug("reported_apply_known", creditId=outcome.credit_id)
+                continue
             self._log_outcome(outcome)
             if outcome.event == grants.APPLIED and outcome.created_at is not None:
                 self._metrics.delivery_seconds.observe((now - outcome.created_at).total_seconds())
@@ -131,3 +141,24 @@ class CabinetEvents:
             log.warning("grant_applied_late", **fields)
         else:
             log.info(f"grant_{outcome.event}", **fields, reason=outcome.reason)
+
+
+def _reported_acks(status: Status) -> list[Ack]:
+    """A coming-online status's applied creditIds, as the `applied` acks they stand for.
+
+    Re-sends stop at expiresAt + grace; a cabinet that applied a grant and lost every
+    ack until then would otherwise hold credits the server never learns of. Known
+    applies are duplicates and change nothing; an expired grant becomes `applied_late`
+    (and its purchase `needs_attention`), exactly as a late ack would make it."""
+    if not status.online or not status.applied_credit_ids or status.timestamp is None:
+        return []
+    return [
+        Ack(
+            machine_id=status.machine_id,
+            credit_id=credit_id,
+            result="applied",
+            reason=REPORTED_IN_STATUS,
+            timestamp=status.timestamp,
+        )
+        for credit_id in status.applied_credit_ids
+    ]
