@@ -23,7 +23,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from insertcoin.server.settings import parse_mqtt_url
+from insertcoin.mqtt_url import parse_mqtt_url
 
 
 def _timestamp(now: float) -> str:

@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.services import AckerProcess, process_cpu_seconds
 from bench.stats import latency_ms
-from insertcoin.server.settings import parse_mqtt_url
+from insertcoin.mqtt_url import parse_mqtt_url
 
 # A coinpulse-sized payload (the real one is about 170 bytes).
 PAYLOAD = orjson.dumps(

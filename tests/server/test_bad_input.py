@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
+from insertcoin.mqtt_url import parse_mqtt_url
 from insertcoin.protocol import Ack, Topics
 from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.cabinets.models import CabinetCreate
@@ -29,7 +30,6 @@ from insertcoin.server.delivery.listener import Listener
 from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
 from insertcoin.server.payments.service import Payments
-from insertcoin.server.settings import parse_mqtt_url
 from insertcoin.server.store.database import open_database, upgrade
 from insertcoin.server.store.tables import cabinets, gameovers, grants, history, presence
 from insertcoin.server.web.errors import MAX_BODY_BYTES

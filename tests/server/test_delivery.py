@@ -7,9 +7,9 @@ import uuid
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from insertcoin.mqtt_url import parse_mqtt_url
 from insertcoin.protocol import CabinetConfig, Status, dump_message, parse_message
 from insertcoin.protocol.topics import TopicKind
-from insertcoin.server.settings import parse_mqtt_url
 from tests.support.cabinet import FakeCabinets
 from tests.support.server import ServerThread, add_cabinet, make_settings
 from tests.support.services import mosquitto

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from insertcoin.mqtt_url import parse_mqtt_url
 from insertcoin.protocol.topics import DEFAULT_PREFIX
 from insertcoin.server.cabinets.models import amount_from_decimal
 from insertcoin.server.errors import ConfigError
-from insertcoin.server.settings import load_settings, parse_mqtt_url
+from insertcoin.server.settings import load_settings
 from insertcoin.server.store.database import open_database
 from insertcoin.server.store.migrations import LATEST_REVISION
 

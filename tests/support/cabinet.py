@@ -12,6 +12,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from insertcoin.mqtt_url import parse_mqtt_url
 from insertcoin.protocol import (
     Ack,
     CoinPulse,
@@ -22,7 +23,6 @@ from insertcoin.protocol import (
     parse_message,
 )
 from insertcoin.protocol.topics import TopicKind
-from insertcoin.server.settings import parse_mqtt_url
 
 
 class FakeCabinets:

@@ -7,11 +7,11 @@ watching, so unknown keys and bad values stop the agent with one line naming the
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 from msgspec import Meta, field
 
+from insertcoin.mqtt_url import MqttTarget, parse_mqtt_url
 from insertcoin.protocol import ProtocolError, Topics
 from insertcoin.protocol.ids import is_machine_id
 from insertcoin.protocol.messages import describe
@@ -26,34 +26,6 @@ class ConfigError(Exception):
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
-
-
-class MqttTarget(msgspec.Struct, frozen=True, kw_only=True):
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-
-def parse_mqtt_url(url: str) -> MqttTarget:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError("must start with mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has a bad port") from None
-    tls = parts.scheme == "mqtts"
-    return MqttTarget(
-        host=parts.hostname,
-        port=port or (8883 if tls else 1883),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=tls,
-    )
 
 
 class MqttConfig(_Strict, frozen=True, kw_only=True):

@@ -3,6 +3,7 @@ database (migrated), broker (external or embedded), listener, MQTT link, dispatc
 
 import structlog
 
+from insertcoin.mqtt_url import MqttTarget
 from insertcoin.protocol.topics import TopicKind
 from insertcoin.server.admin import AdminToken
 from insertcoin.server.cabinets.registry import CabinetRegistry
@@ -14,12 +15,7 @@ from insertcoin.server.delivery.mqtt import MqttLink
 from insertcoin.server.delivery.service import DeliveryService, schedule_of
 from insertcoin.server.metrics import Metrics
 from insertcoin.server.payments.service import Payments
-from insertcoin.server.settings import (
-    DEFAULT_MQTT_HOST,
-    DEFAULT_MQTT_PORT,
-    MqttTarget,
-    Settings,
-)
+from insertcoin.server.settings import DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT, Settings
 from insertcoin.server.store.database import open_database, upgrade
 
 log = structlog.get_logger(__name__)

@@ -6,14 +6,14 @@ The prototype's variable names are accepted as fallbacks so its `.env` works unc
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from insertcoin.mqtt_url import MqttTarget, parse_mqtt_url
 from insertcoin.protocol.topics import DEFAULT_PREFIX, Topics
 from insertcoin.server.errors import ConfigError
 
@@ -23,41 +23,6 @@ DEFAULT_MQTT_PORT = 1883
 
 def _env(name: str, *fallbacks: str) -> AliasChoices:
     return AliasChoices(name, *fallbacks)
-
-
-@dataclass(frozen=True)
-class MqttTarget:
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-    def display(self) -> str:
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-def parse_mqtt_url(url: str) -> MqttTarget:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"scheme must be mqtt:// or mqtts://, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    if port == 0:
-        raise ValueError(f"port 0 in {url!r}: give a port from 1 to 65535, or none")
-    tls = parts.scheme == "mqtts"
-    return MqttTarget(
-        host=parts.hostname,
-        port=port if port is not None else (8883 if tls else 1883),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=tls,
-    )
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
-from insertcoin.server.settings import MqttTarget
+from insertcoin.mqtt_url import MqttTarget
 
 log = structlog.get_logger(__name__)
 
