@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from insertcoin.protocol import Topics
+from tests.support.chromium import browser  # noqa: F401  (the shared Chromium fixture)
 from tests.support.server import ServerThread, make_settings
 from tests.support.services import embedded_broker, mosquitto, postgres_schema
 

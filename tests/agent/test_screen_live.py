@@ -16,29 +16,14 @@ import pytest
 import zxingcpp
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from insertcoin.agent.config import parse_config
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.protocol import TopicKind, Topics
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, FIX, _unavailable
 from tests.support.server import ServerThread, add_cabinet
 from tests.support.services import Mosquitto, free_port
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        _unavailable(f"Chromium is not installed at {CHROMIUM}: {FIX}")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 class Recorder:

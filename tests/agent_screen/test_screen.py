@@ -14,10 +14,9 @@ import orjson
 import pytest
 import zxingcpp
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from insertcoin.agent.screen import Screen, server
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, FIX, _unavailable
 
 PAY_URL = "https://pay.example.com/pay/arcade123"
 
@@ -242,20 +241,6 @@ def test_bad_listen_addresses_are_refused(agent: FakeAgent, listen: str) -> None
 
 
 # --- in the browser ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        _unavailable(f"Chromium is not installed at {CHROMIUM}: {FIX}")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture
