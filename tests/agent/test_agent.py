@@ -20,7 +20,7 @@ from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.agent.session import client_id_for
 from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
-from tests.support.server import ServerThread, add_cabinet, make_settings
+from tests.support.server import ServerThread, add_cabinet, comp, grant_state, make_settings
 from tests.support.services import Mosquitto, free_port
 
 PULSES_PER_CREDIT = 2
@@ -95,20 +95,6 @@ def start_agent(
     agent.start()
     assert agent.wait_online(10)
     return agent, output, machine_id
-
-
-def comp(server: ServerThread, machine_id: str, credits: int) -> str:
-    response = server.admin.post(
-        f"/api/cabinets/{machine_id}/credits", json={"credits": credits, "reason": "t"}
-    )
-    assert response.status_code == 201, response.text
-    credit_id: str = response.json()["creditId"]
-    return credit_id
-
-
-def grant_state(server: ServerThread, credit_id: str) -> str:
-    state: str = server.admin.get(f"/api/grants/{credit_id}").json()["state"]
-    return state
 
 
 def pulse(machine_id: str, credit_id: str, *, expires_in: float) -> bytes:

@@ -14,8 +14,8 @@ from insertcoin.agent.config import ConfigError, parse_config
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.protocol import TopicKind, Topics
-from tests.agent.test_agent import Watcher, comp, grant_state, wait_until
-from tests.support.server import ServerThread, add_cabinet
+from tests.agent.test_agent import Watcher, wait_until
+from tests.support.server import ServerThread, add_cabinet, comp, grant_state
 from tests.support.services import Mosquitto, free_port
 
 # A stand-in game: logs its environment, then plays until the test writes end-<n>.

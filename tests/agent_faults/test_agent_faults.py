@@ -39,7 +39,7 @@ from insertcoin.server.brokerconfig import write_mosquitto_config
 from insertcoin.server.cabinets.models import CabinetCreate
 from insertcoin.server.cabinets.registry import CabinetRegistry
 from insertcoin.server.store.database import open_database, upgrade
-from tests.support.server import ServerThread, add_cabinet, make_settings
+from tests.support.server import ServerThread, add_cabinet, comp, grant_state, make_settings
 from tests.support.services import Mosquitto, free_port, mosquitto
 
 PULSES_PER_CREDIT = 2
@@ -69,20 +69,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
             raise AssertionError(f"not in time: {what}")
         time.sleep(0.02)
     return value
-
-
-def comp(server: ServerThread, machine_id: str, credits: int) -> str:
-    response = server.admin.post(
-        f"/api/cabinets/{machine_id}/credits", json={"credits": credits, "reason": "t"}
-    )
-    assert response.status_code == 201, response.text
-    credit_id: str = response.json()["creditId"]
-    return credit_id
-
-
-def grant_state(server: ServerThread, credit_id: str) -> str:
-    state: str = server.admin.get(f"/api/grants/{credit_id}").json()["state"]
-    return state
 
 
 @pytest.fixture

@@ -153,3 +153,18 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
             self.process = None
+
+
+def comp(server: ServerThread, machine_id: str, credits: int) -> str:
+    """A comp grant through the operator API; its creditId."""
+    response = server.admin.post(
+        f"/api/cabinets/{machine_id}/credits", json={"credits": credits, "reason": "t"}
+    )
+    assert response.status_code == 201, response.text
+    credit_id: str = response.json()["creditId"]
+    return credit_id
+
+
+def grant_state(server: ServerThread, credit_id: str) -> str:
+    state: str = server.admin.get(f"/api/grants/{credit_id}").json()["state"]
+    return state
