@@ -72,14 +72,15 @@ class Dispatcher:
     def _claim(self, *, sending: bool) -> int:
         sent = 0
         while True:
+            owed = 0
             with self._db.write() as conn:
                 now = utc_now()
                 claim = grants.claim_due(
                     conn, now, self._schedule, _BATCH, only_expired=not sending
                 )
                 if claim.expired:
-                    self._follower.follow(conn, [c for _, c in claim.expired], now)
-            if claim.expired:
+                    owed = self._follower.follow(conn, [c for _, c in claim.expired], now)
+            if owed:
                 self._follower.committed()
             for machine_id, credit_id in claim.expired:
                 log.info("grant_expired", machineId=machine_id, creditId=credit_id)

@@ -73,7 +73,7 @@ class CabinetEvents:
         committed). Messages from unknown cabinets are logged and ignored."""
         now = utc_now()
         logs: list[tuple[str, dict[str, Any]]] = []
-        settled: list[str] = []
+        owed = 0
         reported: set[str] = set()
         with self._db.write() as conn:
             ids = sorted({m.machine_id for m in batch})
@@ -115,8 +115,8 @@ class CabinetEvents:
             outcomes = grants.apply_acks(conn, acks, now) if acks else []
             settled = [o.credit_id for o in outcomes if o.event in _SETTLING]
             if settled:
-                self._follower.follow(conn, settled, now)
-        if settled:
+                owed = self._follower.follow(conn, settled, now)
+        if owed:
             self._follower.committed()
         for event, fields in logs:
             log.info(event, **fields)

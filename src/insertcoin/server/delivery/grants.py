@@ -100,10 +100,11 @@ def _history_row(
 
 class GrantFollower(Protocol):
     """Whatever hangs on a grant's outcome (a purchase's money). `follow` runs inside the
-    transaction that settled the grants, so the two never disagree after a crash;
-    `committed` runs after that transaction committed."""
+    transaction that settled the grants, so the two never disagree after a crash, and
+    says how much work it left (payments owed to Stripe); `committed` runs after that
+    transaction committed, and only when there is such work."""
 
-    def follow(self, conn: Connection, credit_ids: list[str], now: datetime) -> None: ...
+    def follow(self, conn: Connection, credit_ids: list[str], now: datetime) -> int: ...
 
     def committed(self) -> None: ...
 

@@ -121,8 +121,8 @@ class Payments:
         return self._inbox.submit(event)
 
     # The grant follower: called by delivery inside the transaction that settled grants.
-    def follow(self, conn: Connection, credit_ids: list[str], now: datetime) -> None:
-        purchases.follow_grants(conn, credit_ids, now)
+    def follow(self, conn: Connection, credit_ids: list[str], now: datetime) -> int:
+        return purchases.follow_grants(conn, credit_ids, now)
 
     def committed(self) -> None:
         self.settlement.wake()
