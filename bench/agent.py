@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from tests.support.messages import coinpulse
 from tests.support.services import free_port
 
 from bench.broker import paho_round_trip
@@ -50,7 +50,7 @@ from bench.stats import latency_ms, table
 from insertcoin.agent.config import parse_config
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
-from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
+from insertcoin.protocol import TopicKind, Topics
 
 TARGET_P99_MS = 10.0
 TARGET_RSS_MIB = 40e6 / 2**20  # the 40 MB, as /proc reports it
@@ -76,19 +76,6 @@ class StampedOutput(SimulatedOutput):
             self.started.setdefault(credit_id, now)
             self.pulsed.notify_all()
         super().pulse(credit_id, count)
-
-
-def coinpulse(machine_id: str, credit_id: str) -> bytes:
-    now = datetime.now(UTC)
-    return dump_message(
-        CoinPulse(
-            machine_id=machine_id,
-            credits=1,
-            timestamp=now,
-            credit_id=credit_id,
-            expires_at=now + timedelta(minutes=10),
-        )
-    )
 
 
 def agent_config(machine_id: str, broker: Mosquitto, journal: Path) -> dict[str, Any]:
@@ -156,12 +143,18 @@ def measure_latency(broker: Mosquitto, workdir: Path, grants: int, warmup: int =
     if not agent.wait_online(10):
         raise TimeoutError("the in-process agent did not connect")
     publisher = Client(broker, "pub")
+    # The agent subscribes, then publishes its status, on one connection: once the status
+    # is out, the broker has the subscription and the first grant cannot be dropped.
+    announced = threading.Event()
+    publisher.on(TOPICS.topic(machine_id, TopicKind.STATUS), lambda _m: announced.set())
+    if not announced.wait(10):
+        raise TimeoutError("the in-process agent published no status")
     topic = TOPICS.topic(machine_id, TopicKind.COINPULSE)
     samples: list[float] = []
     try:
         for i in range(warmup + grants):
             credit_id = f"cr_lat_{i:08d}"
-            payload = coinpulse(machine_id, credit_id)
+            payload = coinpulse(machine_id, credit_id, expires_in=600)
             start = time.perf_counter()
             publisher.publish(topic, payload)
             with output.pulsed:
@@ -281,7 +274,7 @@ def send_grants(
     for i in range(count):
         if i >= window and not acks.acquire(timeout=30):
             raise TimeoutError(f"{name}: no ack for 30 s after {i - window} grants")
-        watcher.publish(topic, coinpulse(machine_id, f"cr_{name}_{i:08d}"))
+        watcher.publish(topic, coinpulse(machine_id, f"cr_{name}_{i:08d}", expires_in=600))
     for _ in range(min(window, count)):
         if not acks.acquire(timeout=60):
             raise TimeoutError(f"{name}: grants left unacknowledged")

@@ -5,7 +5,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from insertcoin.agent.journal import Journal
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
 from insertcoin.agent.session import client_id_for
-from insertcoin.protocol import CoinPulse, TopicKind, Topics, dump_message
+from insertcoin.protocol import TopicKind, Topics
+from tests.support.messages import coinpulse
 from tests.support.server import ServerThread, add_cabinet, comp, grant_state, make_settings
 from tests.support.services import Mosquitto, free_port
 
@@ -97,19 +97,6 @@ def start_agent(
     return agent, output, machine_id
 
 
-def pulse(machine_id: str, credit_id: str, *, expires_in: float) -> bytes:
-    now = datetime.now(UTC)
-    return dump_message(
-        CoinPulse(
-            machine_id=machine_id,
-            credits=1,
-            timestamp=now,
-            credit_id=credit_id,
-            expires_at=now + timedelta(seconds=expires_in),
-        )
-    )
-
-
 def test_pulse_mode_applies_each_grant_once(
     server: ServerThread, broker: Mosquitto, topics: Topics, tmp_path: Path
 ) -> None:
@@ -125,12 +112,12 @@ def test_pulse_mode_applies_each_grant_once(
         wait_until(lambda: grant_state(server, credit_id) == "applied")
         assert output.pulses == {credit_id: 2 * PULSES_PER_CREDIT}
 
-        watcher.publish(coinpulse_topic, pulse(machine_id, credit_id, expires_in=60))
+        watcher.publish(coinpulse_topic, coinpulse(machine_id, credit_id))
         wait_until(lambda: len(watcher.find("ack", creditId=credit_id, result="applied")) >= 2)
         assert output.total == 2 * PULSES_PER_CREDIT
 
-        watcher.publish(coinpulse_topic, pulse("someone-else", "cr_foreign", expires_in=60))
-        watcher.publish(coinpulse_topic, pulse(machine_id, "cr_expired", expires_in=-1))
+        watcher.publish(coinpulse_topic, coinpulse("someone-else", "cr_foreign"))
+        watcher.publish(coinpulse_topic, coinpulse(machine_id, "cr_expired", expires_in=-1))
         [rejected] = wait_until(lambda: watcher.find("ack", creditId="cr_expired"))
         assert (rejected["result"], rejected["reason"]) == ("rejected", "expired")
         # Grants are handled in order, so the foreign one was already seen and dropped.

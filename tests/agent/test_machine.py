@@ -2,7 +2,6 @@
 and the command output's environment."""
 
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -13,20 +12,8 @@ from insertcoin.agent.journal import Journal
 from insertcoin.agent.machine import Machine
 from insertcoin.agent.outputs.command import CommandOutput
 from insertcoin.agent.outputs.simulated import SimulatedOutput
-from insertcoin.protocol import Ack, CoinPulse, Message, dump_message
-
-
-def coinpulse(credit_id: str, credits: int = 1, machine_id: str = "cab1") -> bytes:
-    now = datetime.now(UTC)
-    return dump_message(
-        CoinPulse(
-            machine_id=machine_id,
-            credits=credits,
-            timestamp=now,
-            credit_id=credit_id,
-            expires_at=now + timedelta(seconds=60),
-        )
-    )
+from insertcoin.protocol import Ack, Message
+from tests.support.messages import coinpulse
 
 
 def make(tmp_path: Path, sink: object, **coin: object) -> tuple[Machine, list[Message]]:
@@ -47,8 +34,8 @@ def test_failing_command_puts_the_cabinet_out_of_service(tmp_path: Path) -> None
     rejects the next grant with a reason instead of taking money for nothing."""
     output = CommandOutput([sys.executable, "-c", "raise SystemExit(3)"], "cab1", gap_ms=1)
     machine, sent = make(tmp_path, output, output="command", command=["x"])
-    machine.handle_coinpulse(coinpulse("cr_1"))
-    machine.handle_coinpulse(coinpulse("cr_2"))
+    machine.handle_coinpulse(coinpulse("cab1", "cr_1"))
+    machine.handle_coinpulse(coinpulse("cab1", "cr_2"))
     acks = [m for m in sent if isinstance(m, Ack)]
     assert [(a.credit_id, a.result) for a in acks] == [("cr_1", "applied"), ("cr_2", "rejected")]
     assert acks[1].reason == "out of service: coin command exited with 3"
@@ -90,7 +77,7 @@ def test_grants_for_another_machine_or_malformed_are_not_acked(tmp_path: Path) -
     """A coinpulse naming another machine, or not valid JSON, is dropped without an ack."""
     output = SimulatedOutput()
     machine, sent = make(tmp_path, output)
-    machine.handle_coinpulse(coinpulse("cr_x", machine_id="cab2"))
+    machine.handle_coinpulse(coinpulse("cab2", "cr_x"))
     machine.handle_coinpulse(b"{not json")
     assert sent == []
     assert output.total == 0

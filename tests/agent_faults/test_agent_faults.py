@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,12 @@ from structlog.testing import capture_logs
 from insertcoin.agent.config import parse_config
 from insertcoin.agent.outputs.simulated import SimulatedOutput
 from insertcoin.agent.runner import Agent
-from insertcoin.protocol import Ack, CoinPulse, TopicKind, Topics, dump_message, utc_now
+from insertcoin.protocol import Ack, TopicKind, Topics, dump_message, utc_now
 from insertcoin.server.brokerconfig import write_mosquitto_config
 from insertcoin.server.cabinets.models import CabinetCreate
 from insertcoin.server.cabinets.registry import CabinetRegistry
 from insertcoin.server.store.database import open_database, upgrade
+from tests.support.messages import coinpulse
 from tests.support.server import ServerThread, add_cabinet, comp, grant_state, make_settings
 from tests.support.services import Mosquitto, free_port, mosquitto
 
@@ -400,22 +400,6 @@ def test_cabinet_credentials_cannot_take_another_cabinets_grants(
 # --- bad input -------------------------------------------------------------------------
 
 
-def _pulse(machine_id: str, credit_id: str) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    body: dict[str, Any] = orjson.loads(
-        dump_message(
-            CoinPulse(
-                machine_id=machine_id,
-                credits=1,
-                timestamp=now,
-                credit_id=credit_id,
-                expires_at=now + timedelta(seconds=60),
-            )
-        )
-    )
-    return body
-
-
 def test_bad_input_is_ignored_and_logged(
     server: ServerThread,
     broker: Mosquitto,
@@ -437,7 +421,7 @@ def test_bad_input_is_ignored_and_logged(
             wait_until(lambda: agent.cabinet is not None, what="the server's config")
             assert agent.cabinet is not None
             ours = agent.cabinet
-            good = _pulse(machine_id, "cr_bad_input_probe")
+            good = orjson.loads(coinpulse(machine_id, "cr_bad_input_probe"))
             config = orjson.loads(dump_message(ours))
             common = [
                 b"{not json",
