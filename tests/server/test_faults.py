@@ -32,7 +32,7 @@ from insertcoin.server.delivery import grants as grant_outbox
 from insertcoin.server.store.tables import grants, history
 from tests.support.cabinet import FakeCabinets
 from tests.support.server import ADMIN_TOKEN, ServerProcess, add_cabinet
-from tests.support.services import Mosquitto, mosquitto, postgres_schema
+from tests.support.services import Mosquitto, mosquitto
 
 pytestmark = pytest.mark.slow
 
@@ -577,10 +577,14 @@ def _wait_applied(engine: Engine, ids: set[str], timeout: float) -> set[str]:
 
 
 def test_two_servers_on_one_database_handle_each_grant_once(
-    logged_broker: Mosquitto, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    logged_broker: Mosquitto,
+    db_url: str,
+    prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Scale-out: two `insertcoin serve` processes, started at the same moment on one
-    fresh PostgreSQL schema, and one Mosquitto, with shared subscriptions. 1,000 grants
+    fresh database (a PostgreSQL schema, or one SQLite file), and one Mosquitto, with shared subscriptions. 1,000 grants
     through the API, alternating between them, 12 at a time: each is delivered once (the
     cabinet receives each creditId exactly once — re-sends are 60 s away, so a second
     coinpulse could only mean a second dispatch), applied once (one `applied` event),
@@ -597,72 +601,71 @@ def test_two_servers_on_one_database_handle_each_grant_once(
     machine_ids = [f"so{n}" for n in range(8)]
     broker = logged_broker
     started = time.monotonic()
-    with postgres_schema() as db_url:
-        _say(capsys, f"scale-out seed={seed} db=postgresql")
-        env = _server_env(
-            db_url,
-            broker,
-            prefix,
-            INSERTCOIN_LOG_LEVEL="debug",  # `coinpulse_sent` is a debug line
-            INSERTCOIN_MQTT_SHARED_SUBSCRIPTIONS="true",
-            INSERTCOIN_RETRY_INITIAL_SECONDS="60",
-            INSERTCOIN_RETRY_MAX_SECONDS="60",
-            INSERTCOIN_CREDIT_TTL_SECONDS="600",
-        )
-        servers = []
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            servers.append(ServerProcess(env, tmp_path / name))
-        cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
-        engine = _engine(db_url)
-        try:
-            # Started together, as replicas are: both migrate the fresh schema at once.
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(ServerProcess.start, servers))
-            _add_cabinets(servers[0].url, machine_ids)
-            cabinet.start()
+    _say(capsys, f"scale-out seed={seed} db={db_url.split(':')[0]}")
+    env = _server_env(
+        db_url,
+        broker,
+        prefix,
+        INSERTCOIN_LOG_LEVEL="debug",  # `coinpulse_sent` is a debug line
+        INSERTCOIN_MQTT_SHARED_SUBSCRIPTIONS="true",
+        INSERTCOIN_RETRY_INITIAL_SECONDS="60",
+        INSERTCOIN_RETRY_MAX_SECONDS="60",
+        INSERTCOIN_CREDIT_TTL_SECONDS="600",
+    )
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(ServerProcess(env, tmp_path / name))
+    cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
+    engine = _engine(db_url)
+    try:
+        # Started together, as replicas are: both migrate the fresh schema at once.
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(ServerProcess.start, servers))
+        _add_cabinets(servers[0].url, machine_ids)
+        cabinet.start()
 
-            # Phase 1: 1,000 grants through the API of both processes.
-            workload = Workload([s.url for s in servers], machine_ids, concurrency=12)
-            workload.run(limit=1000)
-            api_ids = set(workload.issued.values())
-            assert len(api_ids) == 1000
-            pending = _wait_applied(engine, api_ids, timeout=60)
-            assert not pending, f"{len(pending)} grants not applied: {_first(pending)}"
+        # Phase 1: 1,000 grants through the API of both processes.
+        workload = Workload([s.url for s in servers], machine_ids, concurrency=12)
+        workload.run(limit=1000)
+        api_ids = set(workload.issued.values())
+        assert len(api_ids) == 1000
+        pending = _wait_applied(engine, api_ids, timeout=60)
+        assert not pending, f"{len(pending)} grants not applied: {_first(pending)}"
 
-            # Phase 2: due grants in the outbox, claimed by two racing dispatchers.
-            due_ids: set[str] = set()
-            for batch in range(40):
-                with engine.begin() as conn:
-                    results = grant_outbox.create_many(
-                        conn,
-                        [
-                            grant_outbox.GrantRequest(
-                                machine_ids[(batch + n) % len(machine_ids)],
-                                _credits_of(n),
-                                "comp",
-                                f"orphan #{batch}.{n}",
-                            )
-                            for n in range(5)
-                        ],
-                        now=utc_now(),
-                        # Due at once: written as if its first send had been lost.
-                        schedule=grant_outbox.Schedule(
-                            ttl=timedelta(seconds=600), initial=0, maximum=0, grace=timedelta(0)
-                        ),
-                    )
-                    due_ids.update(r.credit_id for r in results if isinstance(r, CoinPulse))
-                time.sleep(rng.uniform(0.01, 0.15))
-            pending = _wait_applied(engine, due_ids, timeout=60)
-            assert not pending, f"{len(pending)} due grants not applied: {_first(pending)}"
-            left_in_outbox = _wait_quiet(engine, timeout=5)
-            ledger = _ledger(engine)
-            time.sleep(0.5)  # let stray deliveries, if any, reach the cabinet and the log
-        finally:
-            cabinet.stop()
-            for server in servers:
-                server.stop()
-            engine.dispose()
+        # Phase 2: due grants in the outbox, claimed by two racing dispatchers.
+        due_ids: set[str] = set()
+        for batch in range(40):
+            with engine.begin() as conn:
+                results = grant_outbox.create_many(
+                    conn,
+                    [
+                        grant_outbox.GrantRequest(
+                            machine_ids[(batch + n) % len(machine_ids)],
+                            _credits_of(n),
+                            "comp",
+                            f"orphan #{batch}.{n}",
+                        )
+                        for n in range(5)
+                    ],
+                    now=utc_now(),
+                    # Due at once: written as if its first send had been lost.
+                    schedule=grant_outbox.Schedule(
+                        ttl=timedelta(seconds=600), initial=0, maximum=0, grace=timedelta(0)
+                    ),
+                )
+                due_ids.update(r.credit_id for r in results if isinstance(r, CoinPulse))
+            time.sleep(rng.uniform(0.01, 0.15))
+        pending = _wait_applied(engine, due_ids, timeout=60)
+        assert not pending, f"{len(pending)} due grants not applied: {_first(pending)}"
+        left_in_outbox = _wait_quiet(engine, timeout=5)
+        ledger = _ledger(engine)
+        time.sleep(0.5)  # let stray deliveries, if any, reach the cabinet and the log
+    finally:
+        cabinet.stop()
+        for server in servers:
+            server.stop()
+        engine.dispose()
 
     broker.stop()  # flushes its log
     traffic = _broker_traffic(broker.workdir / "mosquitto.log", prefix)
@@ -716,7 +719,7 @@ def test_two_servers_on_one_database_handle_each_grant_once(
     assert pulses_in == pulses_out == len(all_ids), traffic
     _say(
         capsys,
-        f"scale-out seed={seed} api_grants={len(api_ids)} created_per_process={created} "
+        f"scale-out seed={seed} db={db_url.split(':')[0]} api_grants={len(api_ids)} created_per_process={created} "
         f"acks_per_process={[sum(a.values()) for a in acks]} "
         f"broker_acks_in={acks_in} broker_acks_out={sorted(acks_out.values())} "
         f"due_grants={len(due_ids)} dispatched_per_process={[sum(s.values()) for s in sent]} "

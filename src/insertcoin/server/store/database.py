@@ -1,11 +1,14 @@
 """Engine, transactions and migrations for SQLite and PostgreSQL.
 
 SQLite runs in WAL mode with synchronous=FULL, so a committed grant survives power loss
-before any answer says it exists. Writers are serialized in-process (SQLite allows one
-writer anyway, and its busy handler sleeps in coarse steps), and take the write lock at
-BEGIN so two processes sharing a file never deadlock on a lock upgrade.
+before any answer says it exists. Writers queue on a lock of their own, across threads
+and across processes sharing the file (SQLite allows one writer anyway, and its busy
+handler sleeps in coarse steps: two processes left to it write at half the rate of
+one), and take SQLite's write lock at BEGIN so they never deadlock on a lock upgrade.
 """
 
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -56,12 +59,43 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError("pooled connection is gone") from exc
 
 
+class _WriterLock:
+    """One writer at a time among this process's threads (a mutex) and among the
+    processes sharing the SQLite file (`flock` on `<file>-writer.lock`: the kernel wakes
+    the next waiter at once, where SQLite's busy handler would sleep)."""
+
+    def __init__(self, database: str | None) -> None:
+        self._threads = threading.Lock()
+        self._path = None if database in (None, "", ":memory:") else f"{database}-writer.lock"
+        self._fd: int | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._threads:
+            if self._path is None:
+                yield
+                return
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self._write_lock = threading.Lock() if self.is_sqlite else None
         self.engine = self._create_engine(url, pool_size)
+        self._writers = _WriterLock(self.engine.url.database) if self.is_sqlite else None
 
     def _create_engine(self, url: str, pool_size: int) -> Engine:
         if not self.is_sqlite:
@@ -91,11 +125,11 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One read-write transaction; committed when the block ends without error."""
-        if self._write_lock is None:
+        if self._writers is None:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.connect() as raw:
+        with self._writers.held(), self.engine.connect() as raw:
             conn = raw.execution_options(insertcoin_write=True)
             with conn.begin():
                 yield conn
@@ -105,6 +139,22 @@ class Database:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    @contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """Held by one process at a time, around a migration."""
+        if self._writers is not None:
+            with self._writers.held():
+                yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+                conn.commit()
+
     def check(self) -> None:
         """Raise if the database does not answer."""
         with self.engine.connect() as conn:
@@ -112,6 +162,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writers is not None:
+            self._writers.close()
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -144,7 +196,8 @@ def current_revision(db: Database) -> str | None:
 
 
 def upgrade(db: Database) -> str:
-    """Apply pending migrations; cheap when up to date (Alembic is imported only if needed)."""
+    """Apply pending migrations; cheap when up to date (Alembic is imported only if needed).
+    Processes started together take turns: the first migrates, the others find it done."""
     from insertcoin.server.store.migrations import LATEST_REVISION  # noqa: PLC0415
 
     if current_revision(db) == LATEST_REVISION:
@@ -154,17 +207,12 @@ def upgrade(db: Database) -> str:
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with db.engine.connect() as conn:
-        if not db.is_sqlite:
-            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
-            conn.commit()
-        try:
+    with db.migration_lock():
+        if current_revision(db) == LATEST_REVISION:
+            return LATEST_REVISION
+        with db.engine.connect() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
             conn.commit()
-        finally:
-            if not db.is_sqlite:
-                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
-                conn.commit()
     log.info("database_migrated", revision=LATEST_REVISION, database=db.describe())
     return LATEST_REVISION
