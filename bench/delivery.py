@@ -43,6 +43,7 @@ from bench.broker import acker_ceiling, paho_round_trip
 from bench.services import (
     ADMIN_TOKEN,
     SERVER_ENV,
+    UNUSED_STRIPE,
     AckerProcess,
     CpuWindow,
     Database,
@@ -61,6 +62,20 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/
 GRANT_BODY = b'{"credits":1,"reason":"bench"}'
 TARGET_DELTA_MS = 3.0
 TARGET_GRANTS_PER_SECOND = 1000.0
+
+
+def worker_counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"--workers: expected counts like 1,2, got {text!r}")
+    return counts
+
+
+def run_label(kind: str, workers: int) -> str:
+    return kind if workers == 1 else f"{kind} x{workers}"
 
 
 def _cabinet_ids() -> list[str]:
@@ -268,9 +283,9 @@ def _end_profile(spying: subprocess.Popen[bytes] | None) -> None:
 
 
 def run_database(
-    kind: str, args: argparse.Namespace, workdir: Path, client: dict[str, Any]
+    kind: str, workers: int, args: argparse.Namespace, workdir: Path, client: dict[str, Any]
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"database": kind}
+    result: dict[str, Any] = {"database": kind, "workers": workers}
     nodelay = set(args.nodelay.split(",")) - {"none", ""}
     if "all" in nodelay:
         nodelay = {"broker", "server", "acker"}
@@ -280,7 +295,7 @@ def run_database(
         mosquitto(workdir, nodelay="broker" in nodelay) as broker,
         database(kind, workdir) as db,
     ):
-        print(f"\n== {kind}: broker {broker.url}, workdir {workdir}")
+        print(f"\n== {run_label(kind, workers)}: broker {broker.url}, workdir {workdir}")
         result["acker_ceiling"] = acker_ceiling(broker.url, workdir, env=acker_env)
         print(f"  acker ceiling: {result['acker_ceiling']}")
         server = ServerProcess(
@@ -290,8 +305,10 @@ def run_database(
                 "INSERTCOIN_MQTT_URL": broker.url,
                 "INSERTCOIN_MQTT_TOPIC_PREFIX": PREFIX,
                 **server_env,
+                **(UNUSED_STRIPE if workers > 1 else {}),
                 **dict(item.split("=", 1) for item in args.server_env),
             },
+            workers,
         )
         result["server_start_seconds"] = round(server.start(), 3)
         acker: AckerProcess | None = None
@@ -326,7 +343,7 @@ def run_database(
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
             spy = (
-                _profile(server.pid, args.profile / f"server-{kind}-c1.txt", args.gil)
+                _profile(server.serving_pids()[0], args.profile / f"server-{kind}-c1.txt", args.gil)
                 if args.profile
                 else None
             )
@@ -335,17 +352,18 @@ def run_database(
             print(f"  c=1: {len(serial)} grants in {serial[-1].end - serial[0].start:.1f} s")
 
             pids = {
-                "server": [server.pid],
+                "server": server.all_pids(),
                 "mosquitto": [broker.process.pid] if broker.process else [],
                 "acker": [acker.pid],
                 "client": [os.getpid()],
             }
+            detail = server.serving_pids()[0]
             cpu = CpuWindow(
-                pids, db.server_backends if kind == "postgresql" else None, detail=server.pid
+                pids, db.server_backends if kind == "postgresql" else None, detail=detail
             )
             spy = None
             if args.profile:
-                spy = _profile(server.pid, args.profile / f"server-{kind}-c32.txt", args.gil)
+                spy = _profile(detail, args.profile / f"server-{kind}-c32.txt", args.gil)
             cpu.start()
             sustained = _grants(server, concurrency=args.concurrency, seconds=args.seconds)
             usage = cpu.stop()
@@ -606,6 +624,11 @@ def main() -> None:
         "--concurrency", type=int, default=CABINETS, help="workers in the sustained phase"
     )
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="`serve --workers N` values to run, comma-separated (each on each database)",
+    )
     parser.add_argument("--drain", type=float, default=60.0, help="max wait for acks after load")
     parser.add_argument("--out", type=Path, default=Path("bench/results/delivery.json"))
     parser.add_argument(
@@ -671,8 +694,11 @@ def main() -> None:
     started = time.monotonic()
     report["client_ceiling"] = client_ceiling(min(5.0, args.seconds), CABINETS)
     for kind in kinds:
-        with tempfile.TemporaryDirectory(prefix=f"bench-delivery-{kind}-") as tmp:
-            report["runs"][kind] = run_database(kind, args, Path(tmp), report["client_ceiling"])
+        for workers in worker_counts(parser, args.workers):
+            with tempfile.TemporaryDirectory(prefix=f"bench-delivery-{kind}-") as tmp:
+                report["runs"][run_label(kind, workers)] = run_database(
+                    kind, workers, args, Path(tmp), report["client_ceiling"]
+                )
     report["machine"]["load_average_after"] = os.getloadavg()
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     _print_report(report)

@@ -294,12 +294,32 @@ def http_status(port: int, path: str = "/status", timeout: float = 1.0) -> int |
         conn.close()
 
 
-class ServerProcess(support_server.ServerProcess):
-    """`python -m insertcoin serve` on a free port with production-like timings, its
-    output in a log file."""
+# `serve --workers N` refuses simulated payments (the stand-in's state lives in one
+# process): benches that make no payment give it a Stripe account it never calls.
+UNUSED_STRIPE = {
+    "INSERTCOIN_STRIPE_API_KEY": "sk_test_bench_unused",
+    "INSERTCOIN_STRIPE_WEBHOOK_SECRET": "whsec_bench_unused",
+    "INSERTCOIN_STRIPE_API_BASE": "http://127.0.0.1:9",
+    "INSERTCOIN_RECONCILE_INTERVAL_SECONDS": "3600",
+}
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        super().__init__(env, workdir, base_env=SERVER_ENV)
+
+class ServerProcess(support_server.ServerProcess):
+    """`python -m insertcoin serve [--workers N]` on a free port with production-like
+    timings, its output in a log file."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], workers: int = 1) -> None:
+        args = ("--workers", str(workers)) if workers > 1 else ()
+        super().__init__(env, workdir, base_env=SERVER_ENV, args=args)
+        self.workers = workers
+
+    def serving_pids(self) -> list[int]:
+        """The processes serving requests: this one, or with --workers its workers."""
+        return self.worker_pids() if self.workers > 1 else [self.pid]
+
+    def all_pids(self) -> list[int]:
+        """Every process of the server, for CPU and memory accounting."""
+        return [self.pid, *self.worker_pids()] if self.workers > 1 else [self.pid]
 
     def start(self, timeout: float = 60.0) -> float:
         return super().start(timeout)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -584,13 +585,14 @@ def test_two_servers_on_one_database_handle_each_grant_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Scale-out: two `insertcoin serve` processes, started at the same moment on one
-    fresh database (a PostgreSQL schema, or one SQLite file), and one Mosquitto, with shared subscriptions. 1,000 grants
-    through the API, alternating between them, 12 at a time: each is delivered once (the
-    cabinet receives each creditId exactly once — re-sends are 60 s away, so a second
-    coinpulse could only mean a second dispatch), applied once (one `applied` event),
-    and its ack handled by exactly one process (`grant_applied` log lines: both
-    processes have some, 1,000 in all, no creditId in both; and Mosquitto's own log: it
-    handed each ack PUBLISH it received to exactly one of the two server clients).
+    fresh database (a PostgreSQL schema, or one SQLite file), and one Mosquitto, with
+    shared subscriptions. 1,000 grants through the API, alternating between them, 12 at
+    a time: each is delivered once (the cabinet receives each creditId exactly once —
+    re-sends are 60 s away, so a second coinpulse could only mean a second dispatch),
+    applied once (one `applied` event), and its ack handled by exactly one process
+    (`grant_applied` log lines: both processes have some, 1,000 in all, no creditId in
+    both; and Mosquitto's own log: it handed each ack PUBLISH it received to exactly one
+    of the two server clients).
 
     Then the dispatchers race: 200 grants are written straight to the outbox, due at
     once (as if their process died between commit and publish), in 40 small batches.
@@ -601,7 +603,8 @@ def test_two_servers_on_one_database_handle_each_grant_once(
     machine_ids = [f"so{n}" for n in range(8)]
     broker = logged_broker
     started = time.monotonic()
-    _say(capsys, f"scale-out seed={seed} db={db_url.split(':')[0]}")
+    db_kind = db_url.split(":", maxsplit=1)[0]
+    _say(capsys, f"scale-out seed={seed} db={db_kind}")
     env = _server_env(
         db_url,
         broker,
@@ -719,10 +722,96 @@ def test_two_servers_on_one_database_handle_each_grant_once(
     assert pulses_in == pulses_out == len(all_ids), traffic
     _say(
         capsys,
-        f"scale-out seed={seed} db={db_url.split(':')[0]} api_grants={len(api_ids)} created_per_process={created} "
+        f"scale-out seed={seed} db={db_kind} api_grants={len(api_ids)} "
+        f"created_per_process={created} "
         f"acks_per_process={[sum(a.values()) for a in acks]} "
         f"broker_acks_in={acks_in} broker_acks_out={sorted(acks_out.values())} "
         f"due_grants={len(due_ids)} dispatched_per_process={[sum(s.values()) for s in sent]} "
         f"coinpulses={sum(received.values())} received_twice={len(twice)} "
         f"seconds={time.monotonic() - started:.1f}",
     )
+
+
+# --- scale-out on one host: `serve --workers 2` ----------------------------------------
+
+
+def _wait_workers(server: ServerProcess, count: int, timeout: float = 30) -> list[int]:
+    """The `count` worker processes, once each has logged `worker_started`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        started = {e["pid"] for e in _log_events(server.log, "worker_started")}
+        found = [pid for pid in server.worker_pids() if pid in started]
+        if len(found) == count:
+            return found
+        assert time.monotonic() < deadline, f"workers: {found}, expected {count}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(480)
+def test_serve_workers_replace_a_sigkilled_worker_and_lose_nothing(
+    db_url: str, broker: Mosquitto, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`insertcoin serve --workers 2`: two worker processes on one port, one database and
+    one broker. While 1,000 grants (the default) go through the port, a random worker
+    is SIGKILLed every 40-80 grants (4 times): the parent starts a replacement each
+    time, the other worker keeps serving, and the survivors finish what the dead one
+    left (leases, re-sends). Every grant ends `applied` exactly once or `expired`, none
+    the API confirmed is lost, and the outbox ends empty — as with one process."""
+    seed = _seed()
+    rng = random.Random(seed)
+    _say(capsys, f"worker-kill seed={seed} db={_kind(db_url)}")
+    machine_ids = [f"wk{n}" for n in range(4)]
+    (tmp_path / "server").mkdir()
+    server = ServerProcess(
+        _server_env(
+            db_url,
+            broker,
+            prefix,
+            INSERTCOIN_CREDIT_TTL_SECONDS="60",
+            # Several workers need a real Stripe account; this one is never called.
+            INSERTCOIN_STRIPE_API_KEY="sk_test_workers_unused",
+            INSERTCOIN_STRIPE_WEBHOOK_SECRET="whsec_workers_unused",
+            INSERTCOIN_STRIPE_API_BASE="http://127.0.0.1:9",
+            INSERTCOIN_RECONCILE_INTERVAL_SECONDS="3600",
+        ),
+        tmp_path / "server",
+        args=("--workers", "2"),
+    )
+    cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
+    engine = _engine(db_url)
+    started = time.monotonic()
+    try:
+        server.start()
+        first = _wait_workers(server, 2)
+        _add_cabinets(server.url, machine_ids)
+        cabinet.start()
+        workload = Workload([server.url], machine_ids, concurrency=8)
+
+        def kill_a_worker(_: int) -> str:
+            victim = rng.choice(_wait_workers(server, 2))
+            os.kill(victim, signal.SIGKILL)
+            return f"killed {victim}"
+
+        chaos = Chaos(rng, workload, faults=max(3, MIN_GRANTS // 250), fault=kill_a_worker)
+        _run_with_chaos(workload, chaos)
+        last = _wait_workers(server, 2)
+        _wait_quiet(engine, timeout=60 + 30)
+        tally = _tally(_ledger(engine), cabinet, workload.issued)
+    finally:
+        cabinet.stop()
+        server.stop()
+        engine.dispose()
+    banner = server.log.read_text(errors="replace")
+    starts = _log_events(server.log, "worker_started")
+    _say(
+        capsys,
+        f"worker-kill db={_kind(db_url)} seed={seed} kills={len(chaos.log)} "
+        f"workers_started={len(starts)} {_numbers(tally.counts)} "
+        f"client_retries={workload.retries} seconds={time.monotonic() - started:.1f} "
+        f"at={','.join(chaos.log)}",
+    )
+    assert "workers:  2 processes" in banner
+    assert len(starts) == 2 + len(chaos.log), "each killed worker was replaced once"
+    assert set(last) != set(first)
+    _assert_clean(tally, seed)
+    assert tally.counts["issued"] >= MIN_GRANTS

@@ -102,8 +102,10 @@ class ServerProcess:
         workdir: Path,
         port: int | None = None,
         base_env: dict[str, str] = FAST,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
+        self.args = args
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **base_env, **env}
         self.workdir = workdir
@@ -120,7 +122,7 @@ class ServerProcess:
         started = time.monotonic()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port), *self.args],
                 env=self.env,
                 cwd=self.workdir,
                 stdout=log,
@@ -138,6 +140,21 @@ class ServerProcess:
                     f"server did not start; see {self.log}:\n" + self.log.read_text()[-3000:]
                 )
             time.sleep(0.01)
+
+    def worker_pids(self) -> list[int]:
+        """With `--workers N`, the live worker processes: the children, but
+        multiprocessing's resource tracker and the dead not yet reaped."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        found = []
+        for child in children:
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue  # exited meanwhile
+            if state != "Z" and b"resource_tracker" not in command:
+                found.append(int(child))
+        return found
 
     def kill(self) -> None:
         if self.process is not None:

@@ -61,6 +61,14 @@ def _store() -> Any:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port, the database and the broker "
+            "(more than one needs a Stripe key and an external broker).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the API, dispatcher and MQTT listener (migrates the database first)."""
     configure_logs()
@@ -69,9 +77,16 @@ def serve(
         # QR codes and pay links must point at where this server really listens.
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
         settings = settings.model_copy(update={"public_url": f"http://{shown}:{port}"})
-    # Work hops between threads (HTTP loop, grant writer, MQTT network thread); with the
-    # default 5 ms GIL switch interval each hop can wait that long behind a busy thread.
-    sys.setswitchinterval(0.0005)
+    from insertcoin.server import SWITCH_INTERVAL  # noqa: PLC0415
+
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    if workers > 1:
+        from insertcoin.server import workers as processes  # noqa: PLC0415
+
+        database, broker, new_token = processes.prepare(settings, workers)
+        _banner(settings, host, port, database, broker, new_token, workers)
+        processes.run(settings, host, port, workers)
+        return
     import uvicorn  # noqa: PLC0415
 
     from insertcoin.server.app import create_app  # noqa: PLC0415
@@ -80,11 +95,20 @@ def serve(
     runtime = Runtime(settings)
     runtime.start()
     try:
-        _banner(runtime, host, port)
+        assert runtime.admin is not None
+        _banner(
+            settings,
+            host,
+            port,
+            runtime.db.describe(),
+            runtime.broker_description,
+            runtime.admin.new_token,
+        )
         uvicorn.run(
             create_app(settings, runtime),
             host=host,
             port=port,
+            ws="none",
             log_level="warning",
             access_log=False,
         )
@@ -102,7 +126,9 @@ def demo(
     """The whole system on this machine: a server with simulated payments and three
     simulated cabinets with their attract screens. Nothing to configure."""
     configure_logs("warning")
-    sys.setswitchinterval(0.0005)
+    from insertcoin.server import SWITCH_INTERVAL  # noqa: PLC0415
+
+    sys.setswitchinterval(SWITCH_INTERVAL)
     from insertcoin.server.demo import run  # noqa: PLC0415
 
     try:
@@ -113,23 +139,32 @@ def demo(
         typer.echo(summary)
 
 
-def _payments_line(runtime: Any) -> str:
-    mode: str = runtime.payments.mode
+def _payments_line(mode: str) -> str:
     if mode == "simulated":
         return "simulated (no INSERTCOIN_STRIPE_API_KEY: a local Stripe stand-in, test cards only)"
     return mode
 
 
-def _banner(runtime: Any, host: str, port: int) -> None:
+def _banner(
+    settings: Any,
+    host: str,
+    port: int,
+    database: str,
+    broker: str,
+    new_admin_token: str | None,
+    workers: int = 1,
+) -> None:
     lines = [
-        f"insertcoin serving on http://{host}:{port}  (public URL {runtime.settings.public_url})",
-        f"  database: {runtime.db.describe()}",
-        f"  broker:   {runtime.broker_description}",
-        f"  payments: {_payments_line(runtime)}",
+        f"insertcoin serving on http://{host}:{port}  (public URL {settings.public_url})",
+        f"  database: {database}",
+        f"  broker:   {broker}",
+        f"  payments: {_payments_line(settings.payments_mode)}",
         f"  API docs: http://{host}:{port}/docs",
     ]
-    if runtime.admin.new_token:
-        lines.append(f"  admin token (shown once, keep it): {runtime.admin.new_token}")
+    if workers > 1:
+        lines.insert(1, f"  workers:  {workers} processes")
+    if new_admin_token:
+        lines.append(f"  admin token (shown once, keep it): {new_admin_token}")
     typer.echo("\n".join(lines), err=False)
     sys.stdout.flush()
 

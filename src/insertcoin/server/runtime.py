@@ -20,6 +20,20 @@ from insertcoin.server.store.database import open_database, upgrade
 
 log = structlog.get_logger(__name__)
 
+EMBEDDED = "embedded"
+
+
+def resolve_broker(settings: Settings) -> tuple[MqttTarget, str]:
+    """Where the MQTT link connects, and how that was chosen: "configured", "found
+    listening locally" or "embedded" (nothing answers on 127.0.0.1:1883: start our own)."""
+    target = settings.mqtt_target()
+    if target is not None:
+        return target, "configured"
+    local = MqttTarget(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT, None, None, tls=False)
+    if is_listening(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT):
+        return local, "found listening locally"
+    return local, EMBEDDED
+
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
@@ -40,11 +54,8 @@ class Runtime:
         self.listener = Listener(self.topics, self.events)
         self.broker: EmbeddedBroker | None = None
         self.admin: AdminToken | None = None
-        target = settings.mqtt_target()
-        self._configured = target is not None
-        self._embedded = target is None and not is_listening(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT)
-        if target is None:
-            target = MqttTarget(DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT, None, None, tls=False)
+        target, self._broker_kind = resolve_broker(settings)
+        self._embedded = self._broker_kind == EMBEDDED
         shared = settings.mqtt_shared_subscriptions
         self.shared_subscriptions = (not self._embedded) if shared is None else shared
         self.link = MqttLink(
@@ -79,11 +90,7 @@ class Runtime:
 
     @property
     def broker_description(self) -> str:
-        if self._embedded:
-            kind = "embedded"
-        else:
-            kind = "configured" if self._configured else "found listening locally"
-        return f"{self.link.target.display()} ({kind})"
+        return f"{self.link.target.display()} ({self._broker_kind})"
 
     def start(self, *, connect_timeout: float = 10.0) -> None:
         upgrade(self.db)
