@@ -24,10 +24,9 @@ from insertcoin.server.web import (
 
 def _attach(app: FastAPI, runtime: Runtime) -> None:
     app.state.runtime = runtime
-    standin = runtime.payments.standin
-    if standin is not None:
+    if runtime.payments.mode == "simulated":
         # Simulated payments: the local Stripe is served by this very server.
-        app.mount(STANDIN_PATH, standin.app)
+        app.mount(STANDIN_PATH, runtime.payments.serve_standin)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:

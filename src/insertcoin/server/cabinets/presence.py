@@ -4,10 +4,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, or_
-from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.messages import Status
 from insertcoin.server.store.tables import presence
+from insertcoin.server.store.upsert import insert_into
 
 
 def apply_status(conn: Connection, status: Status, now: datetime) -> None:
@@ -29,8 +29,7 @@ def apply_status(conn: Connection, status: Status, now: datetime) -> None:
         "reported_at": status.timestamp,
         "last_seen": now,
     }
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(presence).values(**values)
+    stmt = insert_into(conn, presence).values(**values)
     changed = {k: stmt.excluded[k] for k in values if k != "machine_id" and values[k] is not None}
     where = None
     if status.online:

@@ -113,7 +113,12 @@ class CabinetEvents:
                     )
                     logs.append(("game_over", {**fields, "creditsLeft": message.credits_left}))
             outcomes = grants.apply_acks(conn, acks, now) if acks else []
-            settled = [o.credit_id for o in outcomes if o.event in _SETTLING]
+            # Only purchases hang on a grant's outcome: comp grants cost no look-up.
+            settled = [
+                o.credit_id
+                for o in outcomes
+                if o.event in _SETTLING and o.source == grants.PURCHASE
+            ]
             if settled:
                 owed = self._follower.follow(conn, settled, now)
         if owed:

@@ -25,6 +25,7 @@ from insertcoin.server.store.tables import cabinets, grants
 from insertcoin.server.store.tables import history as history_table
 
 PENDING, APPLIED, REJECTED, EXPIRED = "pending", "applied", "rejected", "expired"
+COMP, PURCHASE = "comp", "purchase"  # a grant's source
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class AckOutcome:
     event: str  # "applied", "rejected", "applied_late", "duplicate", "ignored"
     reason: str | None = None
     created_at: datetime | None = None  # set when the ack settled the grant
+    source: str | None = None  # COMP or PURCHASE, set when the ack settled the grant
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class GrantFollower(Protocol):
 class GrantRequest:
     machine_id: str
     credits: int
-    source: str  # "comp" or "purchase"
+    source: str  # COMP or PURCHASE
     reason: str | None
     credit_id: str | None = None  # chosen by the caller when it must record it too
 
@@ -264,7 +266,13 @@ _SETTLE = (
 # Locked in a fixed order, so two processes settling overlapping batches cannot deadlock.
 # Only the columns settling needs: each datetime read costs a conversion.
 _LOCK_GRANTS = (
-    select(grants.c.credit_id, grants.c.machine_id, grants.c.state, grants.c.created_at)
+    select(
+        grants.c.credit_id,
+        grants.c.machine_id,
+        grants.c.state,
+        grants.c.created_at,
+        grants.c.source,
+    )
     .where(grants.c.credit_id.in_(bindparam("ids", expanding=True)))
     .order_by(grants.c.credit_id)
     .with_for_update()
@@ -309,7 +317,9 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
             )
             entries.append(_history_row(row, event, to, now, detail))
             outcomes.append(
-                AckOutcome(ack.credit_id, machine_id, event, ack.reason, row["created_at"])
+                AckOutcome(
+                    ack.credit_id, machine_id, event, ack.reason, row["created_at"], row["source"]
+                )
             )
             row["state"] = to
         elif state == APPLIED and result == APPLIED:

@@ -67,4 +67,4 @@ class DeliveryService:
 
     def comp(self, machine_id: str, credits: int, reason: str) -> "Future[CoinPulse]":
         """A free grant from the operator, written and published by the group writer."""
-        return self._writer.submit(grants.GrantRequest(machine_id, credits, "comp", reason))
+        return self._writer.submit(grants.GrantRequest(machine_id, credits, grants.COMP, reason))

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.server.store.tables import stripe_events
+from insertcoin.server.store.upsert import insert_into
 
 COMPLETED = "checkout.session.completed"
 ASYNC_SUCCEEDED = "checkout.session.async_payment_succeeded"
@@ -35,7 +35,6 @@ def store(
     """Store events not seen before; returns those, leased to the caller for processing."""
     if not events:
         return []
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     rows = [
         {
             "id": e.id,
@@ -50,7 +49,7 @@ def store(
         for e in events
     ]
     stmt = (
-        dialect.insert(stripe_events)
+        insert_into(conn, stripe_events)
         .values(rows)
         .on_conflict_do_nothing()
         .returning(stripe_events.c.id)

@@ -18,7 +18,6 @@ from datetime import timedelta
 
 import structlog
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.messages import CoinPulse
 from insertcoin.protocol.timestamps import utc_now
@@ -32,6 +31,7 @@ from insertcoin.server.payments.gateway import (
 )
 from insertcoin.server.store.database import Database
 from insertcoin.server.store.tables import meta
+from insertcoin.server.store.upsert import insert_into
 
 log = structlog.get_logger(__name__)
 
@@ -213,9 +213,8 @@ class Intake:
         new_cursor = str(max(since, newest - _OVERLAP))
         with self._db.write() as conn:
             new = inbox.store(conn, found, utc_now(), LEASE)
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
             conn.execute(
-                dialect.insert(meta)
+                insert_into(conn, meta)
                 .values(key=_CURSOR_KEY, value=new_cursor)
                 .on_conflict_do_update(index_elements=["key"], set_={"value": new_cursor})
             )

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, and_, bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from insertcoin.protocol.ids import new_credit_id
 from insertcoin.protocol.messages import CoinPulse
@@ -27,6 +26,7 @@ from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, checkouts, purchases
 from insertcoin.server.store.tables import grants as grants_table
 from insertcoin.server.store.tables import history as history_table
+from insertcoin.server.store.upsert import insert_into
 
 AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION = (
     "authorized",
@@ -199,9 +199,8 @@ def record_many(
     rows = _rows(conn, sessions, results, now)
     inserted: set[str] = set()
     if rows:
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         statement = (
-            dialect.insert(purchases)
+            insert_into(conn, purchases)
             .values(list(rows.values()))
             .on_conflict_do_nothing()
             .returning(purchases.c.id)
@@ -230,7 +229,11 @@ def record_many(
             results[i] = Recorded("needs_attention", row["id"], row["machine_id"], reason=reason)
             continue
         request = grants.GrantRequest(
-            row["machine_id"], row["credits"], "purchase", row["id"], credit_id=row["credit_id"]
+            row["machine_id"],
+            row["credits"],
+            grants.PURCHASE,
+            row["id"],
+            credit_id=row["credit_id"],
         )
         requests.append((i, request))
     if entries:

@@ -26,6 +26,8 @@ from insertcoin.server.store.group_commit import GroupCommit
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from starlette.types import Receive, Scope, Send
+
     from insertcoin.server.payments.standin import StandIn
 
 log = structlog.get_logger(__name__)
@@ -33,17 +35,6 @@ log = structlog.get_logger(__name__)
 STANDIN_PATH = "/_stripe"
 _SIMULATED_KEY = "sk_test_insertcoin_simulated"
 _WARM_UP_DELAY = 3.0
-
-
-def _local_stripe(settings: Settings, api_base: str, webhook_secret: str) -> "StandIn":
-    from insertcoin.server.payments.standin import StandIn  # noqa: PLC0415
-
-    return StandIn(
-        public_url=api_base,
-        webhook_url=settings.public_url + "/webhooks/stripe",
-        webhook_secret=webhook_secret,
-        api_key=_SIMULATED_KEY,
-    )
 
 
 class Payments:
@@ -55,12 +46,14 @@ class Payments:
         send: "Callable[[CoinPulse], None]",
     ) -> None:
         self.mode = settings.payments_mode
-        self.standin: StandIn | None = None
+        self._standin: StandIn | None = None
+        self._standin_lock = threading.Lock()
+        self._webhook_url = settings.public_url + "/webhooks/stripe"
         if self.mode == "simulated":
             # Same code path as production: the real SDK, over HTTP, to a local Stripe.
             self.webhook_secret = "whsec_" + secrets.token_hex(24)
             api_base = settings.stripe_api_base or settings.public_url + STANDIN_PATH
-            self.standin = _local_stripe(settings, api_base, self.webhook_secret)
+            self._standin_url = api_base
             self.gateway = StripeGateway(
                 _SIMULATED_KEY, api_base=api_base, timeout=settings.stripe_timeout_seconds
             )
@@ -91,13 +84,42 @@ class Payments:
             reconcile_interval=settings.reconcile_interval_seconds,
             backoff=backoff,
         )
-        # The SDK import (≈ 0.25 s of CPU) happens in the background once start-up is
-        # done: started at once, it would compete with start-up for the GIL.
-        self._warm_up = threading.Timer(_WARM_UP_DELAY, self.gateway.warm_up)
+        # The SDK import (≈ 0.25 s of CPU) and the local Stripe happen in the background
+        # once start-up is done: started at once, they would compete with it for the GIL.
+        self._warm_up = threading.Timer(_WARM_UP_DELAY, self._warm)
         self._warm_up.daemon = True
         self._inbox: GroupCommit[inbox.InboxEvent, tuple[inbox.InboxEvent, bool]] = GroupCommit(
             db, "event_inbox", self._store, after=self._stored
         )
+
+    @property
+    def standin(self) -> "StandIn | None":
+        """Simulated payments' local Stripe, built and started on first use (its import
+        is a tenth of the server's start-up); None with a Stripe key."""
+        if self.mode != "simulated":
+            return None
+        with self._standin_lock:
+            if self._standin is None:
+                from insertcoin.server.payments.standin import StandIn  # noqa: PLC0415
+
+                self._standin = StandIn(
+                    public_url=self._standin_url,
+                    webhook_url=self._webhook_url,
+                    webhook_secret=self.webhook_secret,
+                    api_key=_SIMULATED_KEY,
+                )
+                self._standin.start()
+            return self._standin
+
+    async def serve_standin(self, scope: "Scope", receive: "Receive", send: "Send") -> None:
+        """The local Stripe as an ASGI app, mounted by the server in simulated mode."""
+        standin = self.standin
+        assert standin is not None
+        await standin.app(scope, receive, send)
+
+    def _warm(self) -> None:
+        self.gateway.warm_up()
+        _ = self.standin
 
     @staticmethod
     def _store(
@@ -128,8 +150,6 @@ class Payments:
         self.settlement.wake()
 
     def start(self) -> None:
-        if self.standin is not None:
-            self.standin.start()
         self._warm_up.start()
         self._inbox.start()
         self.intake.start()
@@ -140,5 +160,6 @@ class Payments:
         self.settlement.stop()
         self.intake.stop()
         self._inbox.stop()
-        if self.standin is not None:
-            self.standin.stop()
+        with self._standin_lock:
+            if self._standin is not None:
+                self._standin.stop()
