@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 from tests.support.services import free_port
 
-from bench import load
+from bench import load, runs
 from bench.broker import acker_ceiling, paho_round_trip
 from bench.services import (
     ADMIN_TOKEN,
@@ -62,20 +62,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/
 GRANT_BODY = b'{"credits":1,"reason":"bench"}'
 TARGET_DELTA_MS = 3.0
 TARGET_GRANTS_PER_SECOND = 1000.0
-
-
-def worker_counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
-    try:
-        counts = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        parser.error(f"--workers: expected counts like 1,2, got {text!r}")
-    return counts
-
-
-def run_label(kind: str, workers: int) -> str:
-    return kind if workers == 1 else f"{kind} x{workers}"
 
 
 def _cabinet_ids() -> list[str]:
@@ -295,7 +281,7 @@ def run_database(
         mosquitto(workdir, nodelay="broker" in nodelay) as broker,
         database(kind, workdir) as db,
     ):
-        print(f"\n== {run_label(kind, workers)}: broker {broker.url}, workdir {workdir}")
+        print(f"\n== {runs.label(kind, workers)}: broker {broker.url}, workdir {workdir}")
         result["acker_ceiling"] = acker_ceiling(broker.url, workdir, env=acker_env)
         print(f"  acker ceiling: {result['acker_ceiling']}")
         server = ServerProcess(
@@ -600,37 +586,26 @@ def _print_report(report: dict[str, Any]) -> None:
         f"(client {ceiling['cpu']['cores_used']['client']} cores, "
         f"echo server {ceiling['cpu']['cores_used']['echo_server']} cores)"
     )
-    runs = report["runs"]
+    done = report["runs"]
     rows: list[list[Any]] = []
     sustained = f"c={report['settings']['concurrency']}"
     for template, how in _ROWS:
         label = template.replace("c=N", sustained)
         values = []
-        for run in runs.values():
+        for run in done.values():
             try:
                 values.append(how(run) if callable(how) else _get(run, how))
             except (KeyError, TypeError):
                 values.append(None)
         rows.append([label, *values])
     print()
-    print(table(["", *runs], rows))
+    print(table(["", *done], rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="sustained phase (≥ 20)")
+    runs.add_arguments(parser, out="bench/results/delivery.json", drain=60.0, concurrency=CABINETS)
     parser.add_argument("--grants", type=int, default=300, help="grants at concurrency 1")
-    parser.add_argument(
-        "--concurrency", type=int, default=CABINETS, help="workers in the sustained phase"
-    )
-    parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument(
-        "--workers",
-        default="1,2",
-        help="`serve --workers N` values to run, comma-separated (each on each database)",
-    )
-    parser.add_argument("--drain", type=float, default=60.0, help="max wait for acks after load")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/delivery.json"))
     parser.add_argument(
         "--profile", type=Path, help="py-spy the server during the sustained phase into DIR"
     )
@@ -658,10 +633,7 @@ def main() -> None:
         "comma-separated, all, or none (default: broker,acker, as recommended)",
     )
     args = parser.parse_args()
-    kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
-    for kind in kinds:
-        if kind not in ("sqlite", "postgresql"):
-            parser.error(f"unknown database {kind!r}")
+    plan = runs.planned(parser, args)
 
     report: dict[str, Any] = {
         "benchmark": "delivery",
@@ -693,12 +665,11 @@ def main() -> None:
     }
     started = time.monotonic()
     report["client_ceiling"] = client_ceiling(min(5.0, args.seconds), CABINETS)
-    for kind in kinds:
-        for workers in worker_counts(parser, args.workers):
-            with tempfile.TemporaryDirectory(prefix=f"bench-delivery-{kind}-") as tmp:
-                report["runs"][run_label(kind, workers)] = run_database(
-                    kind, workers, args, Path(tmp), report["client_ceiling"]
-                )
+    for kind, workers in plan:
+        with tempfile.TemporaryDirectory(prefix=f"bench-delivery-{kind}-") as tmp:
+            report["runs"][runs.label(kind, workers)] = run_database(
+                kind, workers, args, Path(tmp), report["client_ceiling"]
+            )
     report["machine"]["load_average_after"] = os.getloadavg()
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     _print_report(report)

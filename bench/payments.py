@@ -42,7 +42,7 @@ import orjson
 import stripe
 from tests.support.standin import API_KEY, WEBHOOK_SECRET, StandInProcess
 
-from bench import load
+from bench import load, runs
 from bench.broker import paho_round_trip
 from bench.delivery import (
     CABINETS,
@@ -70,13 +70,18 @@ TARGET_RSS_MIB = 90.0
 PREPARED_RATE = 800
 
 
-def _rss_mib(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = round(int(value.split()[0]) / 1024, 1)
-    return {"now": fields.get("VmRSS", 0.0), "peak": fields.get("VmHWM", 0.0)}
+def _rss_mib(pids: list[int]) -> dict[str, float]:
+    """RSS now and at its peak, of the largest of these processes (the target is per
+    server process)."""
+    now = peak = 0.0
+    for pid in pids:
+        fields = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = round(int(value.split()[0]) / 1024, 1)
+        now, peak = max(now, fields.get("VmRSS", 0.0)), max(peak, fields.get("VmHWM", 0.0))
+    return {"now": now, "peak": peak}
 
 
 def _prepare_sessions(standin: StandInProcess, count: int) -> list[str]:
@@ -217,8 +222,10 @@ def _latencies(
     }
 
 
-def run_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"database": kind}
+def run_database(
+    kind: str, workers: int, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"database": kind, "workers": workers}
     with (
         mosquitto(workdir, nodelay=True) as broker,
         database(kind, workdir) as db,
@@ -235,8 +242,9 @@ def run_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str
                 "INSERTCOIN_STRIPE_API_BASE": standin.url,
                 "INSERTCOIN_RECONCILE_INTERVAL_SECONDS": "3600",
             },
+            workers,
         )
-        print(f"\n== {kind}: broker {broker.url}, stand-in {standin.url}")
+        print(f"\n== {runs.label(kind, workers)}: broker {broker.url}, stand-in {standin.url}")
         acker: AckerProcess | None = None
         try:
             result["server_start_seconds"] = round(server.start(), 3)
@@ -248,7 +256,7 @@ def run_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str
             url = f"{server.url}/webhooks/stripe"
             _post_events(url, _events(warm_sessions, "warm"), concurrency=4)
             _drain(db, 30)
-            result["rss_mib_after_warm_up"] = _rss_mib(server.pid)
+            result["rss_mib_after_warm_up"] = _rss_mib(server.serving_pids())
 
             result["baseline_paho_ms"] = paho_round_trip(broker.url)
             result["baseline_http_ms"] = http_baselines(server)
@@ -257,7 +265,7 @@ def run_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str
             serial = _post_events(url, _events(serial_sessions, "serial"), concurrency=1)
             _drain(db, 30)
             pids = {
-                "server": [server.pid],
+                "server": server.all_pids(),
                 "stand-in": [standin.process.pid],
                 "mosquitto": [broker.process.pid] if broker.process else [],
                 "acker": [acker.pid],
@@ -273,7 +281,7 @@ def run_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str
             )
             usage = cpu.stop()
             drained = _drain(db, args.drain)
-            result["rss_mib_after_load"] = _rss_mib(server.pid)
+            result["rss_mib_after_load"] = _rss_mib(server.serving_pids())
             print(f"  c={args.concurrency}: {len(sustained)} webhooks, drained in {drained:.1f} s")
         finally:
             records = acker.stop() if acker is not None else {"received": []}
@@ -364,7 +372,7 @@ def _print_report(report: dict[str, Any]) -> None:
     print(
         table(
             [
-                "database",
+                "run",
                 "c=1 →200 p50",
                 "→pulse p50",
                 "→pulse p99",
@@ -384,17 +392,10 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="sustained phase (≥ 20)")
+    runs.add_arguments(parser, out="bench/results/payments.json", drain=120.0, concurrency=CABINETS)
     parser.add_argument("--serial", type=int, default=300, help="webhooks at concurrency 1")
-    parser.add_argument("--concurrency", type=int, default=CABINETS)
-    parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument("--drain", type=float, default=120.0, help="max wait after the load")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/payments.json"))
     args = parser.parse_args()
-    kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
-    for kind in kinds:
-        if kind not in ("sqlite", "postgresql"):
-            parser.error(f"unknown database {kind!r}")
+    plan = runs.planned(parser, args)
     report: dict[str, Any] = {
         "benchmark": "payments",
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -409,9 +410,9 @@ def main() -> None:
     }
     started = time.monotonic()
     report["client_ceiling"] = client_ceiling(min(5.0, args.seconds), CABINETS)
-    for kind in kinds:
+    for kind, workers in plan:
         with tempfile.TemporaryDirectory(prefix=f"bench-payments-{kind}-") as tmp:
-            report["runs"][kind] = run_database(kind, args, Path(tmp))
+            report["runs"][runs.label(kind, workers)] = run_database(kind, workers, args, Path(tmp))
     report["machine"]["load_average_after"] = os.getloadavg()
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     _print_report(report)
