@@ -315,6 +315,55 @@ def test_serve_misconfigured_stops_with_one_line(tmp_path: Path, variable, value
     _assert_one_line_error(result, variable)
 
 
+WORKERS_REFUSED = [
+    ({}, "INSERTCOIN_STRIPE_API_KEY"),
+    (
+        {
+            "INSERTCOIN_STRIPE_API_KEY": "sk_test_x",
+            "INSERTCOIN_STRIPE_WEBHOOK_SECRET": "whsec_x",
+            "INSERTCOIN_MQTT_SHARED_SUBSCRIPTIONS": "false",
+        },
+        "INSERTCOIN_MQTT_SHARED_SUBSCRIPTIONS",
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "named"), WORKERS_REFUSED, ids=["simulated", "unshared"])
+def test_serve_workers_refuses_what_one_process_owns(tmp_path: Path, env, named):
+    """`serve --workers 2` with simulated payments (the stand-in's state lives in one
+    process) or without shared subscriptions (every worker would get every ack) exits 2
+    with one line naming the setting, before touching the database."""
+    db = tmp_path / "w.db"
+    result = _cli(
+        "serve",
+        "--workers",
+        "2",
+        cwd=tmp_path,
+        timeout=30,
+        INSERTCOIN_DATABASE_URL=f"sqlite:///{db}",
+        INSERTCOIN_MQTT_URL="mqtt://127.0.0.1:1",
+        **env,
+    )
+    _assert_one_line_error(result, "--workers 2", named)
+    assert not db.exists()
+
+
+def test_serve_workers_refuses_the_embedded_broker(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """With no broker configured and none answering on 127.0.0.1:1883, one process would
+    start the embedded broker; several are refused (it has no shared subscriptions)."""
+    from insertcoin.server import runtime, workers  # noqa: PLC0415
+
+    monkeypatch.setattr(runtime, "is_listening", lambda host, port: False)
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'w.db'}",
+        stripe_api_key="sk_test_x",
+        stripe_webhook_secret="whsec_x",
+    )
+    with pytest.raises(ConfigError, match="INSERTCOIN_MQTT_URL") as caught:
+        workers.prepare(settings, 3)
+    assert str(caught.value).startswith("--workers 3: the embedded broker")
+
+
 @pytest.mark.parametrize(
     "url",
     [
