@@ -29,7 +29,7 @@ def apply_status(conn: Connection, status: Status, now: datetime) -> None:
         "reported_at": status.timestamp,
         "last_seen": now,
     }
-    stmt = insert_into(conn, presence).values(**values)
+    stmt = insert_into(conn.dialect.name, presence).values(**values)
     changed = {k: stmt.excluded[k] for k in values if k != "machine_id" and values[k] is not None}
     where = None
     if status.online:

@@ -2,10 +2,11 @@
 reconciler finds them), then processed. Keyed on the event id, so a redelivered or
 re-listed event is stored once."""
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, Executable, bindparam, select, update
 
 from insertcoin.server.store.tables import stripe_events
 from insertcoin.server.store.upsert import insert_into
@@ -29,6 +30,12 @@ class InboxEvent:
     attempts: int = 1
 
 
+@functools.cache
+def _insert_new(dialect: str) -> Executable:
+    new = insert_into(dialect, stripe_events).on_conflict_do_nothing()
+    return new.returning(stripe_events.c.id)
+
+
 def store(
     conn: Connection, events: list[InboxEvent], now: datetime, lease: timedelta
 ) -> list[InboxEvent]:
@@ -48,13 +55,7 @@ def store(
         }
         for e in events
     ]
-    stmt = (
-        insert_into(conn, stripe_events)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(stripe_events.c.id)
-    )
-    new = set(conn.execute(stmt).scalars())
+    new = set(conn.execute(_insert_new(conn.dialect.name), rows).scalars())
     return [e for e in events if e.id in new]
 
 

@@ -217,7 +217,7 @@ class Intake:
         with self._db.write() as conn:
             new = inbox.store(conn, found, utc_now(), LEASE)
             conn.execute(
-                insert_into(conn, meta)
+                insert_into(conn.dialect.name, meta)
                 .values(key=_CURSOR_KEY, value=new_cursor)
                 .on_conflict_do_update(index_elements=["key"], set_={"value": new_cursor})
             )

@@ -10,12 +10,13 @@ by the settlement worker, so a crash between deciding and calling loses nothing.
 Functions here never log and never call Stripe: the callers log after commit.
 """
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, Executable, RowMapping, and_, bindparam, insert, select, update
 
 from insertcoin.protocol.ids import new_credit_id
 from insertcoin.protocol.messages import CoinPulse
@@ -185,6 +186,11 @@ def _ignored(session: CheckoutSession) -> str | None:
     return None
 
 
+@functools.cache
+def _insert_new(dialect: str) -> Executable:
+    return insert_into(dialect, purchases).on_conflict_do_nothing().returning(purchases.c.id)
+
+
 def record_many(
     conn: Connection, sessions: list[CheckoutSession], *, now: datetime, schedule: grants.Schedule
 ) -> list[Recorded]:
@@ -199,13 +205,7 @@ def record_many(
     rows = _rows(conn, sessions, results, now)
     inserted: set[str] = set()
     if rows:
-        statement = (
-            insert_into(conn, purchases)
-            .values(list(rows.values()))
-            .on_conflict_do_nothing()
-            .returning(purchases.c.id)
-        )
-        inserted = set(conn.execute(statement).scalars())
+        inserted = set(conn.execute(_insert_new(conn.dialect.name), list(rows.values())).scalars())
     duplicates = [row["checkout_session_id"] for row in rows.values() if row["id"] not in inserted]
     earlier: dict[str, str] = {}
     if duplicates:
@@ -323,6 +323,15 @@ def _row(session: CheckoutSession, terms: _Terms, now: datetime) -> dict[str, An
     }
 
 
+_FOLLOWING = (
+    select(purchases, grants_table.c.state.label("grant_state"))
+    .join(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
+    .where(purchases.c.credit_id.in_(bindparam("ids", expanding=True)))
+    .order_by(purchases.c.id)
+    .with_for_update(of=purchases)
+)
+
+
 def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int:
     """Let purchases follow their grants once settled, in the same transaction that
     settled them: applied → capture (or credited, if captured at payment); rejected or
@@ -330,17 +339,7 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
     many purchases now owe a Stripe call."""
     if not credit_ids:
         return 0
-    rows = (
-        conn.execute(
-            select(purchases, grants_table.c.state.label("grant_state"))
-            .join(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
-            .where(purchases.c.credit_id.in_(credit_ids))
-            .order_by(purchases.c.id)
-            .with_for_update(of=purchases)
-        )
-        .mappings()
-        .all()
-    )
+    rows = conn.execute(_FOLLOWING, {"ids": credit_ids}).mappings().all()
     owed = 0
     for row in rows:
         grant_state = row["grant_state"]
@@ -362,12 +361,32 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
     return owed
 
 
-def _owe(conn: Connection, row: RowMapping, action: str, now: datetime) -> None:
-    conn.execute(
-        update(purchases)
-        .where(purchases.c.id == row["id"])
-        .values(action=action, action_due_at=now, action_error=None, updated_at=now)
+# Statements on the payment path are built once (see delivery/grants.py for why).
+_OWE = (
+    update(purchases)
+    .where(purchases.c.id == bindparam("b_id"))
+    .values(
+        action=bindparam("b_action"),
+        action_due_at=bindparam("b_now"),
+        action_error=None,
+        updated_at=bindparam("b_now"),
     )
+)
+_SET_STATE = (
+    update(purchases)
+    .where(purchases.c.id == bindparam("b_id"))
+    .values(
+        state=bindparam("b_state"),
+        action=None,
+        action_due_at=None,
+        action_error=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def _owe(conn: Connection, row: RowMapping, action: str, now: datetime) -> None:
+    conn.execute(_OWE, {"b_id": row["id"], "b_action": action, "b_now": now})
     _history(conn, row, f"{action}_owed", None, now)
 
 
@@ -379,11 +398,7 @@ def _set_state(
     event: str,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    conn.execute(
-        update(purchases)
-        .where(purchases.c.id == row["id"])
-        .values(state=state, action=None, action_due_at=None, action_error=None, updated_at=now)
-    )
+    conn.execute(_SET_STATE, {"b_id": row["id"], "b_state": state, "b_now": now})
     _history(conn, row, event, state, now, detail)
 
 
@@ -421,6 +436,17 @@ class Owed:
     @property
     def idempotency_key(self) -> str:
         return f"insertcoin-{self.action}-{self.purchase_id}-{self.generation}"
+
+
+_LEASE = (
+    update(purchases)
+    .where(purchases.c.id == bindparam("b_id"))
+    .values(
+        action=bindparam("b_action"),
+        action_due_at=bindparam("b_due"),
+        action_attempts=bindparam("b_attempts"),
+    )
+)
 
 
 def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) -> list[Owed]:
@@ -462,13 +488,13 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
             # replays that one), and a refunded purchase with an applied grant is then
             # flagged needs_attention.
         conn.execute(
-            update(purchases)
-            .where(purchases.c.id == row["id"])
-            .values(
-                action=action,
-                action_due_at=now + lease,
-                action_attempts=row["action_attempts"] + 1,
-            )
+            _LEASE,
+            {
+                "b_id": row["id"],
+                "b_action": action,
+                "b_due": now + lease,
+                "b_attempts": row["action_attempts"] + 1,
+            },
         )
         owed.append(
             Owed(
@@ -483,15 +509,18 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
     return owed
 
 
+_CURRENT = (
+    select(purchases, grants_table.c.state.label("grant_state"))
+    .outerjoin(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
+    .where(and_(purchases.c.id == bindparam("b_id"), purchases.c.action == bindparam("b_action")))
+    .with_for_update(of=purchases)
+)
+
+
 def _current(conn: Connection, owed: Owed) -> RowMapping | None:
     """The purchase, locked, if it still owes this very call."""
     return (
-        conn.execute(
-            select(purchases, grants_table.c.state.label("grant_state"))
-            .outerjoin(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
-            .where(and_(purchases.c.id == owed.purchase_id, purchases.c.action == owed.action))
-            .with_for_update(of=purchases)
-        )
+        conn.execute(_CURRENT, {"b_id": owed.purchase_id, "b_action": owed.action})
         .mappings()
         .first()
     )

@@ -7,6 +7,9 @@ from sqlalchemy import Connection, insert, select
 
 from insertcoin.server.store.tables import history
 
+# Built once: building and hashing a statement per call costs more than running it.
+_INSERT = insert(history)
+
 
 def record(
     conn: Connection,
@@ -21,16 +24,17 @@ def record(
     detail: dict[str, Any] | None = None,
 ) -> None:
     conn.execute(
-        insert(history).values(
-            subject=subject,
-            subject_id=subject_id,
-            machine_id=machine_id,
-            event=event,
-            from_state=from_state,
-            to_state=to_state,
-            detail=detail,
-            at=at,
-        )
+        _INSERT,
+        {
+            "subject": subject,
+            "subject_id": subject_id,
+            "machine_id": machine_id,
+            "event": event,
+            "from_state": from_state,
+            "to_state": to_state,
+            "detail": detail,
+            "at": at,
+        },
     )
 
 

@@ -6,15 +6,16 @@ the dialects of every PostgreSQL driver, 30 ms of a SQLite server's start-up.
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Table
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql, sqlite
 
 
-def insert_into(conn: Connection, table: Table) -> "postgresql.Insert | sqlite.Insert":
-    """An INSERT that takes `on_conflict_do_nothing()` / `on_conflict_do_update()`."""
-    if conn.dialect.name == "postgresql":
+def insert_into(dialect: str, table: Table) -> "postgresql.Insert | sqlite.Insert":
+    """An INSERT that takes `on_conflict_do_nothing()` / `on_conflict_do_update()`, for
+    `dialect` (a connection's `dialect.name`)."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert  # noqa: PLC0415
 
         return insert(table)
