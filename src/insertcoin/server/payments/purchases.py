@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Executable, RowMapping, and_, bindparam, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Executable,
+    RowMapping,
+    Update,
+    and_,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 
 from insertcoin.protocol.ids import new_credit_id
 from insertcoin.protocol.messages import CoinPulse
@@ -362,26 +372,23 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
 
 
 # Statements on the payment path are built once (see delivery/grants.py for why).
-_OWE = (
-    update(purchases)
-    .where(purchases.c.id == bindparam("b_id"))
-    .values(
-        action=bindparam("b_action"),
-        action_due_at=bindparam("b_now"),
-        action_error=None,
-        updated_at=bindparam("b_now"),
-    )
+def _update_purchase(**values: Any) -> Update:
+    """UPDATE of the purchase whose id is bound as `b_id`."""
+    return update(purchases).where(purchases.c.id == bindparam("b_id")).values(**values)
+
+
+_OWE = _update_purchase(
+    action=bindparam("b_action"),
+    action_due_at=bindparam("b_now"),
+    action_error=None,
+    updated_at=bindparam("b_now"),
 )
-_SET_STATE = (
-    update(purchases)
-    .where(purchases.c.id == bindparam("b_id"))
-    .values(
-        state=bindparam("b_state"),
-        action=None,
-        action_due_at=None,
-        action_error=None,
-        updated_at=bindparam("b_now"),
-    )
+_SET_STATE = _update_purchase(
+    state=bindparam("b_state"),
+    action=None,
+    action_due_at=None,
+    action_error=None,
+    updated_at=bindparam("b_now"),
 )
 
 
@@ -438,14 +445,10 @@ class Owed:
         return f"insertcoin-{self.action}-{self.purchase_id}-{self.generation}"
 
 
-_LEASE = (
-    update(purchases)
-    .where(purchases.c.id == bindparam("b_id"))
-    .values(
-        action=bindparam("b_action"),
-        action_due_at=bindparam("b_due"),
-        action_attempts=bindparam("b_attempts"),
-    )
+_LEASE = _update_purchase(
+    action=bindparam("b_action"),
+    action_due_at=bindparam("b_due"),
+    action_attempts=bindparam("b_attempts"),
 )
 
 
