@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from tests.support.server import UNUSED_STRIPE
 from tests.support.services import free_port
 
 from bench import load, runs
@@ -43,7 +44,6 @@ from bench.broker import acker_ceiling, paho_round_trip
 from bench.services import (
     ADMIN_TOKEN,
     SERVER_ENV,
-    UNUSED_STRIPE,
     AckerProcess,
     CpuWindow,
     Database,

@@ -294,16 +294,6 @@ def http_status(port: int, path: str = "/status", timeout: float = 1.0) -> int |
         conn.close()
 
 
-# `serve --workers N` refuses simulated payments (the stand-in's state lives in one
-# process): benches that make no payment give it a Stripe account it never calls.
-UNUSED_STRIPE = {
-    "INSERTCOIN_STRIPE_API_KEY": "sk_test_bench_unused",
-    "INSERTCOIN_STRIPE_WEBHOOK_SECRET": "whsec_bench_unused",
-    "INSERTCOIN_STRIPE_API_BASE": "http://127.0.0.1:9",
-    "INSERTCOIN_RECONCILE_INTERVAL_SECONDS": "3600",
-}
-
-
 class ServerProcess(support_server.ServerProcess):
     """`python -m insertcoin serve [--workers N]` on a free port with production-like
     timings, its output in a log file."""

@@ -32,7 +32,7 @@ from insertcoin.protocol import CoinPulse, Topics, utc_now
 from insertcoin.server.delivery import grants as grant_outbox
 from insertcoin.server.store.tables import grants, history
 from tests.support.cabinet import FakeCabinets
-from tests.support.server import ADMIN_TOKEN, ServerProcess, add_cabinet
+from tests.support.server import ADMIN_TOKEN, UNUSED_STRIPE, ServerProcess, add_cabinet
 from tests.support.services import Mosquitto, mosquitto
 
 pytestmark = pytest.mark.slow
@@ -768,11 +768,7 @@ def test_serve_workers_replace_a_sigkilled_worker_and_lose_nothing(
             broker,
             prefix,
             INSERTCOIN_CREDIT_TTL_SECONDS="60",
-            # Several workers need a real Stripe account; this one is never called.
-            INSERTCOIN_STRIPE_API_KEY="sk_test_workers_unused",
-            INSERTCOIN_STRIPE_WEBHOOK_SECRET="whsec_workers_unused",
-            INSERTCOIN_STRIPE_API_BASE="http://127.0.0.1:9",
-            INSERTCOIN_RECONCILE_INTERVAL_SECONDS="3600",
+            **UNUSED_STRIPE,
         ),
         tmp_path / "server",
         args=("--workers", "2"),

@@ -20,6 +20,15 @@ from tests.support.services import free_port, wait_port
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
 # Fast timings so delivery, retry and expiry happen within a test's patience.
+# `serve --workers N` refuses simulated payments (the stand-in's state lives in one
+# process): tests and benches that make no payment give it a Stripe account it never calls.
+UNUSED_STRIPE = {
+    "INSERTCOIN_STRIPE_API_KEY": "sk_test_unused",
+    "INSERTCOIN_STRIPE_WEBHOOK_SECRET": "whsec_unused",
+    "INSERTCOIN_STRIPE_API_BASE": "http://127.0.0.1:9",
+    "INSERTCOIN_RECONCILE_INTERVAL_SECONDS": "3600",
+}
+
 FAST = {
     "INSERTCOIN_ADMIN_TOKEN": ADMIN_TOKEN,
     "INSERTCOIN_RETRY_INITIAL_SECONDS": "0.3",

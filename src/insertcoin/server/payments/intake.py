@@ -138,11 +138,10 @@ class Intake:
         """Re-read each paying event's session (in parallel), then record them all in one
         transaction and publish the new grants."""
         paying = [e for e in events if e.type in inbox.PAYING]
-        # One event (the usual case at low load) is read right here: a hop to a reader
-        # thread and back costs more than the read's own CPU.
-        found = (
-            map(self._read, paying) if len(paying) == 1 else self._readers.map(self._read, paying)
-        )
+        # The first is read right here while reader threads take the rest: a lone event
+        # (the usual case at low load) then costs no hop to another thread and back.
+        others = self._readers.map(self._read, paying[1:])
+        found = [self._read(paying[0]), *others] if paying else []
         reads = dict(zip([e.id for e in paying], found, strict=True))
         now = utc_now()
         recorded: list[tuple[inbox.InboxEvent, purchases.Recorded]] = []

@@ -48,12 +48,12 @@ class Payments:
         self.mode = settings.payments_mode
         self._standin: StandIn | None = None
         self._standin_lock = threading.Lock()
-        self._webhook_url = settings.public_url + "/webhooks/stripe"
         if self.mode == "simulated":
             # Same code path as production: the real SDK, over HTTP, to a local Stripe.
             self.webhook_secret = "whsec_" + secrets.token_hex(24)
             api_base = settings.stripe_api_base or settings.public_url + STANDIN_PATH
             self._standin_url = api_base
+            self._webhook_url = settings.public_url + "/webhooks/stripe"
             self.gateway = StripeGateway(
                 _SIMULATED_KEY, api_base=api_base, timeout=settings.stripe_timeout_seconds
             )
