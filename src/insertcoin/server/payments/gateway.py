@@ -123,22 +123,17 @@ class StripeGateway:
     def _sdk(self) -> "stripe.StripeClient":
         with self._lock:
             if self._client is None:
-                import requests  # noqa: PLC0415
                 import stripe  # noqa: PLC0415 - 0.25 s: kept off the start-up path
 
-                session = requests.Session()
-                # Proxy settings from the environment, resolved once for Stripe's address:
-                # requests would re-read them on every call (a sixth of a call's CPU).
-                session.trust_env = False
-                session.proxies = requests.utils.get_environ_proxies(
-                    self._api_base or stripe.DEFAULT_API_BASE
-                )
+                from insertcoin.server.payments.stripe_http import StripeTransport  # noqa: PLC0415
+
+                api_base = self._api_base or stripe.DEFAULT_API_BASE
                 self._client = stripe.StripeClient(
                     self._api_key,
-                    base_addresses={"api": self._api_base} if self._api_base else None,
+                    base_addresses={"api": api_base},
                     # Retries are ours: after a 5xx we re-read before deciding.
                     max_network_retries=0,
-                    http_client=stripe.RequestsClient(timeout=self._timeout, session=session),
+                    http_client=StripeTransport(api_base, self._timeout),
                 )
             return self._client
 

@@ -1,0 +1,128 @@
+"""The gateway's HTTP transport, against the stand-in over real HTTP: it goes through the
+proxy the environment names (and around it for NO_PROXY hosts), and a Stripe that does
+not answer is `StripeUnavailable` with no status."""
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import urllib3
+
+from insertcoin.server.payments.gateway import StripeGateway, StripeRefused, StripeUnavailable
+from tests.support.services import free_port
+from tests.support.standin import API_KEY, StandInThread, standin_thread
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy that records each request line it relays."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                proxy.seen.append(f"{self.command} {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                answer = urllib3.request(
+                    self.command,
+                    self.path,
+                    headers=headers,
+                    body=self.rfile.read(length) if length else None,
+                    redirect=False,
+                    retries=False,
+                )
+                self.send_response(answer.status)
+                for name in ("Content-Type", "Request-Id"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.data)))
+                self.end_headers()
+                self.wfile.write(answer.data)
+
+            do_GET = do_POST = _relay
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StandInThread]:
+    with standin_thread(None) as running:
+        yield running
+
+
+@pytest.fixture
+def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[ForwardProxy]:
+    running = ForwardProxy()
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", running.url)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _session(standin: StandInThread) -> str:
+    item = {
+        "price_data": {"currency": "usd", "unit_amount": 100, "product_data": {"name": "1"}},
+        "quantity": 1,
+    }
+    session = standin.client().v1.checkout.sessions.create(
+        params={"mode": "payment", "line_items": [item], "success_url": "https://x.test/"}
+    )
+    return str(session.id)
+
+
+def _proxied_only(proxy: ForwardProxy, standin: StandInThread) -> StripeGateway:
+    """A gateway built now; the proxy forgets what the test's own set-up sent through it."""
+    proxy.seen.clear()
+    return StripeGateway(API_KEY, api_base=standin.url, timeout=5)
+
+
+def test_calls_go_through_the_proxy_the_environment_names(
+    standin: StandInThread, proxy: ForwardProxy
+) -> None:
+    session_id = _session(standin)
+    gateway = _proxied_only(proxy, standin)
+    assert gateway.retrieve_session(session_id).id == session_id
+    assert not gateway.has_refund("pi_none")
+    assert proxy.seen == [
+        f"GET {standin.url}/v1/checkout/sessions/{session_id}"
+        "?expand%5B0%5D=payment_intent&expand%5B1%5D=line_items",
+        f"GET {standin.url}/v1/refunds?payment_intent=pi_none&limit=1",
+    ]
+    with pytest.raises(StripeRefused) as refused:
+        gateway.retrieve_payment_intent("pi_missing")
+    assert refused.value.status == 404
+    assert len(proxy.seen) == 3
+
+
+def test_no_proxy_hosts_are_called_directly(
+    standin: StandInThread, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    session_id = _session(standin)
+    gateway = _proxied_only(proxy, standin)
+    assert gateway.retrieve_session(session_id).id == session_id
+    assert proxy.seen == []
+
+
+def test_a_stripe_that_does_not_answer_is_unavailable_with_no_status() -> None:
+    gateway = StripeGateway(API_KEY, api_base=f"http://127.0.0.1:{free_port()}", timeout=2)
+    with pytest.raises(StripeUnavailable) as unavailable:
+        gateway.retrieve_payment_intent("pi_anything")
+    assert unavailable.value.status is None
+    assert "network error" in str(unavailable.value)
