@@ -22,7 +22,6 @@ from insertcoin.protocol.messages import Ack, CoinPulse
 from insertcoin.server.errors import InsertcoinError, Invalid, NotFound
 from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, grants
-from insertcoin.server.store.tables import history as history_table
 
 PENDING, APPLIED, REJECTED, EXPIRED = "pending", "applied", "rejected", "expired"
 COMP, PURCHASE = "comp", "purchase"  # a grant's source
@@ -127,7 +126,6 @@ _ENABLED = select(cabinets.c.machine_id, cabinets.c.enabled).where(
     cabinets.c.machine_id.in_(bindparam("ids", expanding=True))
 )
 _INSERT_GRANT = insert(grants)
-_INSERT_HISTORY = insert(history_table)
 
 
 def create_many(
@@ -179,7 +177,7 @@ def create_many(
         results.append(pulse)
     if rows:
         conn.execute(_INSERT_GRANT, rows)
-        conn.execute(_INSERT_HISTORY, entries)
+        history.record_many(conn, entries)
     return results
 
 
@@ -227,8 +225,8 @@ def claim_due(
                 settle_reason="no ack before expiresAt",
             )
         )
-        conn.execute(
-            insert(history_table),
+        history.record_many(
+            conn,
             [_history_row(r, "expired", EXPIRED, now, {"attempts": r["attempts"]}) for r in over],
         )
     if due:
@@ -330,8 +328,7 @@ def apply_acks(conn: Connection, acks: list[tuple[str, Ack]], now: datetime) -> 
             outcomes.append(AckOutcome(ack.credit_id, machine_id, "ignored", f"grant is {state}"))
     if settles:
         conn.execute(_SETTLE, settles)
-    if entries:
-        conn.execute(_INSERT_HISTORY, entries)
+    history.record_many(conn, entries)
     return outcomes
 
 

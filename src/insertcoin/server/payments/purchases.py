@@ -23,7 +23,6 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
-    insert,
     select,
     update,
 )
@@ -36,7 +35,6 @@ from insertcoin.server.payments.gateway import CheckoutSession
 from insertcoin.server.store import history
 from insertcoin.server.store.tables import cabinets, checkouts, purchases
 from insertcoin.server.store.tables import grants as grants_table
-from insertcoin.server.store.tables import history as history_table
 from insertcoin.server.store.upsert import insert_into
 
 AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION = (
@@ -63,7 +61,6 @@ _CABINETS = select(cabinets).where(cabinets.c.machine_id.in_(bindparam("ids", ex
 _RECORDED = select(purchases.c.checkout_session_id, purchases.c.id).where(
     purchases.c.checkout_session_id.in_(bindparam("ids", expanding=True))
 )
-_INSERT_HISTORY = insert(history_table)
 
 
 @dataclass(frozen=True)
@@ -246,8 +243,7 @@ def record_many(
             credit_id=row["credit_id"],
         )
         requests.append((i, request))
-    if entries:
-        conn.execute(_INSERT_HISTORY, entries)
+    history.record_many(conn, entries)
     if requests:
         _issue_grants(conn, rows, requests, results, now, schedule)
     recorded = [r for r in results if r is not None]
@@ -350,7 +346,9 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
     if not credit_ids:
         return 0
     rows = conn.execute(_FOLLOWING, {"ids": credit_ids}).mappings().all()
-    owed = 0
+    # The usual outcome (a call now owed) is written for the whole batch at once.
+    owes: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     for row in rows:
         grant_state = row["grant_state"]
         if row["state"] == AUTHORIZED and row["action"] is None:
@@ -358,17 +356,25 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
                 if row["captured_at_payment"]:
                     _set_state(conn, row, CREDITED, now, "credited")
                     continue
-                _owe(conn, row, CAPTURE, now)
+                action = CAPTURE
             elif grant_state in (grants.REJECTED, grants.EXPIRED):
-                _owe(conn, row, REFUND if row["captured_at_payment"] else CANCEL, now)
+                action = REFUND if row["captured_at_payment"] else CANCEL
             else:
                 continue
-            owed += 1
+            owes.append({"b_id": row["id"], "b_action": action, "b_now": now})
+            entries.append(
+                _history_row(
+                    row["id"], row["machine_id"], f"{action}_owed", row["state"], None, now, None
+                )
+            )
         elif row["state"] in (VOIDED, REFUNDED) and grant_state == grants.APPLIED:
             _attention(
                 conn, row, now, f"the cabinet applied the credits after the {row['state']} payment"
             )
-    return owed
+    if owes:
+        conn.execute(_OWE, owes)
+    history.record_many(conn, entries)
+    return len(owes)
 
 
 # Statements on the payment path are built once (see delivery/grants.py for why).
@@ -390,11 +396,6 @@ _SET_STATE = _update_purchase(
     action_error=None,
     updated_at=bindparam("b_now"),
 )
-
-
-def _owe(conn: Connection, row: RowMapping, action: str, now: datetime) -> None:
-    conn.execute(_OWE, {"b_id": row["id"], "b_action": action, "b_now": now})
-    _history(conn, row, f"{action}_owed", None, now)
 
 
 def _set_state(
@@ -471,6 +472,7 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
         .all()
     )
     owed: list[Owed] = []
+    leases: list[dict[str, Any]] = []
     for row in rows:
         action = row["action"]
         if (
@@ -490,14 +492,13 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
             # Otherwise an earlier attempt may have refunded it: finish the refund (its key
             # replays that one), and a refunded purchase with an applied grant is then
             # flagged needs_attention.
-        conn.execute(
-            _LEASE,
+        leases.append(
             {
                 "b_id": row["id"],
                 "b_action": action,
                 "b_due": now + lease,
                 "b_attempts": row["action_attempts"] + 1,
-            },
+            }
         )
         owed.append(
             Owed(
@@ -509,6 +510,8 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
                 row["action_attempts"] + 1,
             )
         )
+    if leases:
+        conn.execute(_LEASE, leases)
     return owed
 
 

@@ -38,6 +38,12 @@ def record(
     )
 
 
+def record_many(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Append several entries in one statement (rows shaped as the table's columns)."""
+    if rows:
+        conn.execute(_INSERT, rows)
+
+
 def entries(conn: Connection, subject: str, subject_id: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         select(history)
