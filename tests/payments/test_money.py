@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import stripe
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
@@ -336,23 +335,51 @@ def test_automatically_captured_payment_whose_grant_expires_is_refunded(ms: Modu
     assert "credited" not in events
 
 
+def test_refund_that_failed_before_a_late_applied_ack_is_not_finished(ms: ModuleShop) -> None:
+    """A bank transfer whose grant expired undelivered owes a refund; Stripe fails it
+    (no effect) and then the cabinet says `applied` after all. The refund is not retried:
+    the server asks Stripe whether any attempt went through, finds none, and keeps the
+    money (`credited`, no Refund), since the player did get the game."""
+    shop = ms.shop
+    standin = shop.standin.standin
+    add_cabinet(shop.admin, "keep1")
+    session_id = _checkout_then_offline(shop, ms.broker_url, ms.topics, "keep1")
+    standin.faults.add("POST", "/v1/refunds", status=500, count=1000)
+    try:
+        shop.standin.standin.pay(session_id, method="bank_transfer")
+        shop.standin.standin.settle_async(session_id, True)
+        _wait(
+            lambda: "refund_failed" in _history(shop.purchase(session_id) or {"history": []}),
+            "a refund attempt that Stripe failed",
+            timeout=MODULE_TTL + GRACE + 15,
+        )
+        purchase = shop.purchase(session_id)
+        assert purchase is not None
+        with _cabinets(shop, ms.broker_url, ms.topics, "keep1", ack=False, persistent=False) as c:
+            c.send_ack("keep1", purchase["creditId"], "applied")
+            _wait(
+                lambda: _grant(shop, purchase["creditId"])["state"] == "applied",
+                "the late ack to be recorded",
+            )
+    finally:
+        _heal(shop, "/v1/refunds")
+    kept = shop.wait_state(session_id, {"credited", "refunded", "needs_attention"}, timeout=20)
+    assert kept["state"] == "credited", kept
+    intent = shop.payment_intent(kept["paymentIntentId"])
+    assert intent.status == "succeeded"
+    assert intent.amount_received == 100
+    assert _refunds(shop, intent.id) == []
+    events = _history(kept)
+    assert events.index("refund_failed") < events.index("keep_owed") < events.index("credited")
+    assert "refunded" not in events
+
+
 # --- settlement faults -------------------------------------------------------------------
 
 
 def _heal(shop: Shop, path: str) -> None:
-    """Use up whatever remains of an injected fault on `path` (a POST suffix) through
-    requests on an object that does not exist, until the stand-in answers normally."""
-    for _ in range(10_000):
-        try:
-            if path == "/capture":
-                shop.stripe.v1.payment_intents.capture("pi_doesnotexist")
-            else:
-                shop.stripe.v1.payment_intents.cancel("pi_doesnotexist")
-        except stripe.InvalidRequestError:
-            return  # 404: no fault left
-        except stripe.APIError:
-            continue
-    raise AssertionError("fault never used up")
+    """Drop what remains of the faults injected on `path`."""
+    shop.standin.standin.faults.clear(path)
 
 
 @contextmanager

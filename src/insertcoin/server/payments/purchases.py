@@ -45,9 +45,11 @@ AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION = (
     "needs_attention",
 )
 STATES = (AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION)
-# Stripe calls: capture an authorization, cancel it, refund a captured payment, or
-# `release` (operator's refund: cancel or refund, whichever the payment's state needs).
-CAPTURE, CANCEL, REFUND, RELEASE = "capture", "cancel", "refund", "release"
+# Stripe calls: capture an authorization, cancel it, refund a captured payment,
+# `release` (operator's refund: cancel or refund, whichever the payment's state needs), or
+# `keep` (a captured payment whose automatic refund was tried before the credits turned
+# out delivered: look whether a refund went through; if none did, the money stays).
+CAPTURE, CANCEL, REFUND, RELEASE, KEEP = "capture", "cancel", "refund", "release", "keep"
 
 # Payment states in which the money is held for us: authorized, or already captured.
 _HELD = {"requires_capture": False, "succeeded": True}
@@ -484,14 +486,15 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
                 # Capturing a payment that an earlier attempt did cancel is refused, and
                 # that ends in needs_attention: safe either way.
                 action = CAPTURE
-                _history(conn, row, "capture_owed", None, now, {"instead_of": row["action"]})
             elif row["action_attempts"] == 0:
                 # The money was never sent back: keep it.
                 _set_state(conn, row, CREDITED, now, "credited")
                 continue
-            # Otherwise an earlier attempt may have refunded it: finish the refund (its key
-            # replays that one), and a refunded purchase with an applied grant is then
-            # flagged needs_attention.
+            else:
+                # An earlier attempt may have refunded it: find out, rather than finish
+                # a refund of credits the cabinet did give.
+                action = KEEP
+            _history(conn, row, f"{action}_owed", None, now, {"instead_of": row["action"]})
         leases.append(
             {
                 "b_id": row["id"],
@@ -515,36 +518,35 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
     return owed
 
 
-_CURRENT = (
+_OWING = (
     select(purchases, grants_table.c.state.label("grant_state"))
     .outerjoin(grants_table, grants_table.c.credit_id == purchases.c.credit_id)
-    .where(and_(purchases.c.id == bindparam("b_id"), purchases.c.action == bindparam("b_action")))
+    .where(purchases.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(purchases.c.id)
     .with_for_update(of=purchases)
 )
 
 
-def _current(conn: Connection, owed: Owed) -> RowMapping | None:
-    """The purchase, locked, if it still owes this very call."""
-    return (
-        conn.execute(_CURRENT, {"b_id": owed.purchase_id, "b_action": owed.action})
-        .mappings()
-        .first()
-    )
+def still_owing(conn: Connection, owed: list[Owed]) -> dict[str, RowMapping]:
+    """The purchases, locked (in id order), that still owe the very call each was leased
+    for, by purchase id; the others have moved on (e.g. an operator's refund)."""
+    if not owed:
+        return {}
+    wanted = {o.purchase_id: o.action for o in owed}
+    rows = conn.execute(_OWING, {"ids": sorted(wanted)}).mappings()
+    return {row["id"]: row for row in rows if row["action"] == wanted[row["id"]]}
 
 
 def settled(
     conn: Connection,
-    owed: Owed,
+    row: RowMapping,
     outcome: str,
     now: datetime,
     detail: dict[str, Any] | None = None,
-) -> str | None:
-    """The Stripe call took effect: `outcome` is captured, canceled or refunded; `detail`
-    says how it was found out if not from a clean answer. Returns the purchase's new
-    state (None if the purchase no longer owed this call)."""
-    row = _current(conn, owed)
-    if row is None:
-        return None
+) -> str:
+    """The Stripe call `row` (from `still_owing`) owed took effect: `outcome` is captured,
+    canceled or refunded; `detail` says how it was found out if not from a clean answer.
+    Returns the purchase's new state."""
     if outcome == "captured":
         _set_state(conn, row, CREDITED, now, "credited", detail)
         return CREDITED
@@ -562,13 +564,17 @@ def settled(
 
 
 def retry_later(
-    conn: Connection, owed: Owed, now: datetime, delay: timedelta, error: str, *, new_key: bool
+    conn: Connection,
+    row: RowMapping,
+    owed: Owed,
+    now: datetime,
+    delay: timedelta,
+    error: str,
+    *,
+    new_key: bool,
 ) -> None:
     """The call failed: try again after `delay`; with `new_key` under a fresh idempotency
     key (Stripe keeps a 5xx under the old one, and the re-read showed no effect)."""
-    row = _current(conn, owed)
-    if row is None:
-        return
     conn.execute(
         update(purchases)
         .where(purchases.c.id == owed.purchase_id)
@@ -589,11 +595,10 @@ def retry_later(
     )
 
 
-def switch(conn: Connection, owed: Owed, action: str, now: datetime, why: str) -> None:
+def switch(
+    conn: Connection, row: RowMapping, owed: Owed, action: str, now: datetime, why: str
+) -> None:
     """Owe a different call instead (e.g. a refund where a cancel found it captured)."""
-    row = _current(conn, owed)
-    if row is None:
-        return
     conn.execute(
         update(purchases)
         .where(purchases.c.id == owed.purchase_id)
@@ -602,12 +607,10 @@ def switch(conn: Connection, owed: Owed, action: str, now: datetime, why: str) -
     _history(conn, row, f"{action}_owed", None, now, {"instead_of": owed.action, "why": why})
 
 
-def give_up(conn: Connection, owed: Owed, now: datetime, reason: str) -> None:
+def give_up(conn: Connection, row: RowMapping, now: datetime, reason: str) -> None:
     """The call cannot succeed (e.g. capture on a canceled authorization): the operator
     decides."""
-    row = _current(conn, owed)
-    if row is not None:
-        _attention(conn, row, now, reason)
+    _attention(conn, row, now, reason)
 
 
 # Operator ------------------------------------------------------------------------------

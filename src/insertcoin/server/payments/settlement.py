@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, RowMapping
 
 from insertcoin.protocol.timestamps import utc_now
 from insertcoin.server.payments import purchases
@@ -101,11 +101,14 @@ class Settlement:
             results = list(self._callers.map(self._attempt, owed))
             with self._db.write() as conn:
                 now = utc_now()
-                logs = [self._record(conn, o, r, now) for o, r in zip(owed, results, strict=True)]
-            for line in logs:
-                if line is not None:
-                    event, level, fields = line
-                    getattr(log, level)(event, **fields)
+                owing = purchases.still_owing(conn, owed)
+                logs = [
+                    self._record(conn, owing[o.purchase_id], o, r, now)
+                    for o, r in zip(owed, results, strict=True)
+                    if o.purchase_id in owing
+                ]
+            for event, level, fields in logs:
+                getattr(log, level)(event, **fields)
             done += len(owed)
             if len(owed) < _BATCH:
                 return done
@@ -122,16 +125,22 @@ class Settlement:
 
     def _call(self, owed: purchases.Owed) -> str:
         key, intent = owed.idempotency_key, owed.payment_intent_id
-        if owed.action == purchases.CAPTURE:
-            self._gateway.capture(intent, idempotency_key=key)
-            return "captured"
-        if owed.action == purchases.CANCEL:
-            self._gateway.cancel(intent, idempotency_key=key)
-            return "canceled"
-        if owed.action == purchases.REFUND:
-            self._gateway.refund(intent, idempotency_key=key)
-            return "refunded"
-        # release: whatever gives the money back from the state the payment is in.
+        if owed.action == purchases.RELEASE:
+            return self._release(intent, key)
+        if owed.action == purchases.KEEP:
+            # The refund's key is not replayed: an attempt that never reached Stripe
+            # would then refund credits the cabinet did give.
+            return "refunded" if self._gateway.has_refund(intent) else "captured"
+        call = {
+            purchases.CAPTURE: self._gateway.capture,
+            purchases.CANCEL: self._gateway.cancel,
+            purchases.REFUND: self._gateway.refund,
+        }[owed.action]
+        call(intent, idempotency_key=key)
+        return _DONE[owed.action]
+
+    def _release(self, intent: str, key: str) -> str:
+        """Whatever gives the money back from the state the payment is in."""
         current = self._gateway.retrieve_payment_intent(intent)
         if current.status == "canceled":
             return "canceled"
@@ -195,9 +204,15 @@ class Settlement:
     # Recording (one transaction per batch) ----------------------------------------------
 
     def _record(
-        self, conn: Connection, owed: purchases.Owed, result: _Result, now: datetime
-    ) -> tuple[str, str, dict[str, object]] | None:
-        """Write one outcome; returns the log line to emit once committed."""
+        self,
+        conn: Connection,
+        row: RowMapping,
+        owed: purchases.Owed,
+        result: _Result,
+        now: datetime,
+    ) -> tuple[str, str, dict[str, object]]:
+        """Write one outcome for the purchase `row` (still owing the call); returns the
+        log line to emit once committed."""
         fields: dict[str, object] = {
             "purchaseId": owed.purchase_id,
             "machineId": owed.machine_id,
@@ -212,19 +227,17 @@ class Settlement:
                     "attempt": owed.attempts,
                     "foundOnReRead": True,
                 }
-            state = purchases.settled(conn, owed, result.outcome, now, detail)
-            if state is None:
-                return None
+            state = purchases.settled(conn, row, result.outcome, now, detail)
             if detail is not None:
                 return f"purchase_{state}", "warning", {**fields, **detail}
             return f"purchase_{state}", "info", fields
         if isinstance(result, _Retry):
             delay = self._backoff(owed.attempts)
-            purchases.retry_later(conn, owed, now, delay, result.error, new_key=result.new_key)
+            purchases.retry_later(conn, row, owed, now, delay, result.error, new_key=result.new_key)
             return "stripe_call_failed", "warning", {**fields, "error": result.error}
         self.wake()  # the switched call, or the operator's, is due now
         if isinstance(result, _Switch):
-            purchases.switch(conn, owed, result.action, now, result.why)
+            purchases.switch(conn, row, owed, result.action, now, result.why)
             return "stripe_call_switched", "warning", {**fields, "to": result.action}
-        purchases.give_up(conn, owed, now, result.reason)
+        purchases.give_up(conn, row, now, result.reason)
         return "purchase_needs_attention", "warning", {**fields, "reason": result.reason}

@@ -44,6 +44,11 @@ class Faults:
         with self._lock:
             self._faults.append(Fault(method.upper(), path, status, count, when, delay))
 
+    def clear(self, path: str) -> None:
+        """Drop what is left of the faults injected on `path`."""
+        with self._lock:
+            self._faults = [fault for fault in self._faults if fault.path != path]
+
     def take(self, method: str, path: str) -> Fault | None:
         """The first fault matching this request, counted as used."""
         with self._lock:
