@@ -51,6 +51,9 @@ STATES = (AUTHORIZED, CREDITED, VOIDED, REFUNDED, NEEDS_ATTENTION)
 # out delivered: look whether a refund went through; if none did, the money stays).
 CAPTURE, CANCEL, REFUND, RELEASE, KEEP = "capture", "cancel", "refund", "release", "keep"
 
+# What a purchase becomes once its Stripe call took effect.
+_SETTLED = {"captured": CREDITED, "canceled": VOIDED, "refunded": REFUNDED}
+
 # Payment states in which the money is held for us: authorized, or already captured.
 _HELD = {"requires_capture": False, "succeeded": True}
 
@@ -538,29 +541,38 @@ def still_owing(conn: Connection, owed: list[Owed]) -> dict[str, RowMapping]:
 
 
 def settled(
-    conn: Connection,
-    row: RowMapping,
-    outcome: str,
-    now: datetime,
-    detail: dict[str, Any] | None = None,
-) -> str:
-    """The Stripe call `row` (from `still_owing`) owed took effect: `outcome` is captured,
-    canceled or refunded; `detail` says how it was found out if not from a clean answer.
-    Returns the purchase's new state."""
-    if outcome == "captured":
-        _set_state(conn, row, CREDITED, now, "credited", detail)
-        return CREDITED
-    state = VOIDED if outcome == "canceled" else REFUNDED
-    _set_state(conn, row, state, now, state, detail)
-    if row["grant_state"] == grants.APPLIED and row["state"] == AUTHORIZED:
-        _attention(
-            conn,
-            {**row, "state": state},
-            now,
-            f"the cabinet applied the credits after the {state} payment",
+    conn: Connection, done: list[tuple[RowMapping, str, dict[str, Any] | None]], now: datetime
+) -> list[str]:
+    """The Stripe calls these purchases (rows from `still_owing`) owed took effect: each
+    outcome is captured, canceled or refunded, with a detail saying how it was found out
+    if not from a clean answer. Written with one statement per kind for the whole batch;
+    returns each purchase's new state."""
+    states = [_SETTLED[outcome] for _, outcome, _ in done]
+    if done:
+        conn.execute(
+            _SET_STATE,
+            [
+                {"b_id": row["id"], "b_state": state, "b_now": now}
+                for (row, _, _), state in zip(done, states, strict=True)
+            ],
         )
-        return NEEDS_ATTENTION
-    return state
+    history.record_many(
+        conn,
+        [
+            _history_row(row["id"], row["machine_id"], state, row["state"], state, now, detail)
+            for (row, _, detail), state in zip(done, states, strict=True)
+        ],
+    )
+    for i, (row, _, _) in enumerate(done):
+        if (
+            states[i] != CREDITED
+            and row["grant_state"] == grants.APPLIED
+            and row["state"] == AUTHORIZED
+        ):
+            reason = f"the cabinet applied the credits after the {states[i]} payment"
+            _attention(conn, {**row, "state": states[i]}, now, reason)
+            states[i] = NEEDS_ATTENTION
+    return states
 
 
 def retry_later(

@@ -102,10 +102,15 @@ class Settlement:
             with self._db.write() as conn:
                 now = utc_now()
                 owing = purchases.still_owing(conn, owed)
-                logs = [
-                    self._record(conn, owing[o.purchase_id], o, r, now)
+                outcomes = [
+                    (owing[o.purchase_id], o, r)
                     for o, r in zip(owed, results, strict=True)
                     if o.purchase_id in owing
+                ]
+                logs = self._record_done(conn, outcomes, now) + [
+                    self._record(conn, row, o, r, now)
+                    for row, o, r in outcomes
+                    if not isinstance(r, _Done)
                 ]
             for event, level, fields in logs:
                 getattr(log, level)(event, **fields)
@@ -203,6 +208,41 @@ class Settlement:
 
     # Recording (one transaction per batch) ----------------------------------------------
 
+    def _record_done(
+        self,
+        conn: Connection,
+        outcomes: list[tuple[RowMapping, purchases.Owed, _Result]],
+        now: datetime,
+    ) -> list[tuple[str, str, dict[str, object]]]:
+        """Write the calls that took effect, as one batch; returns the log lines to emit
+        once committed."""
+        done: list[tuple[RowMapping, purchases.Owed, _Done]] = [
+            (row, owed, result) for row, owed, result in outcomes if isinstance(result, _Done)
+        ]
+        # A call that worked although Stripe's answer said otherwise keeps that on record.
+        details: list[dict[str, object] | None] = [
+            None
+            if result.error is None
+            else {"error": str(result.error)[:500], "attempt": owed.attempts, "foundOnReRead": True}
+            for _, owed, result in done
+        ]
+        states = purchases.settled(
+            conn,
+            [
+                (row, result.outcome, detail)
+                for (row, _, result), detail in zip(done, details, strict=True)
+            ],
+            now,
+        )
+        return [
+            (
+                f"purchase_{state}",
+                "info" if detail is None else "warning",
+                {**_fields(owed), **(detail or {})},
+            )
+            for (_, owed, _), detail, state in zip(done, details, states, strict=True)
+        ]
+
     def _record(
         self,
         conn: Connection,
@@ -211,26 +251,9 @@ class Settlement:
         result: _Result,
         now: datetime,
     ) -> tuple[str, str, dict[str, object]]:
-        """Write one outcome for the purchase `row` (still owing the call); returns the
-        log line to emit once committed."""
-        fields: dict[str, object] = {
-            "purchaseId": owed.purchase_id,
-            "machineId": owed.machine_id,
-            "action": owed.action,
-        }
-        if isinstance(result, _Done):
-            detail: dict[str, object] | None = None
-            if result.error is not None:
-                # It worked, but Stripe's answer said otherwise: keep that on record.
-                detail = {
-                    "error": str(result.error)[:500],
-                    "attempt": owed.attempts,
-                    "foundOnReRead": True,
-                }
-            state = purchases.settled(conn, row, result.outcome, now, detail)
-            if detail is not None:
-                return f"purchase_{state}", "warning", {**fields, **detail}
-            return f"purchase_{state}", "info", fields
+        """Write one failed call's outcome for the purchase `row` (still owing the call);
+        returns the log line to emit once committed."""
+        fields = _fields(owed)
         if isinstance(result, _Retry):
             delay = self._backoff(owed.attempts)
             purchases.retry_later(conn, row, owed, now, delay, result.error, new_key=result.new_key)
@@ -239,5 +262,10 @@ class Settlement:
         if isinstance(result, _Switch):
             purchases.switch(conn, row, owed, result.action, now, result.why)
             return "stripe_call_switched", "warning", {**fields, "to": result.action}
+        assert isinstance(result, _GiveUp)
         purchases.give_up(conn, row, now, result.reason)
         return "purchase_needs_attention", "warning", {**fields, "reason": result.reason}
+
+
+def _fields(owed: purchases.Owed) -> dict[str, object]:
+    return {"purchaseId": owed.purchase_id, "machineId": owed.machine_id, "action": owed.action}
