@@ -175,16 +175,8 @@ def _history(
     now: datetime,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    history.record(
-        conn,
-        subject="purchase",
-        subject_id=row["id"],
-        machine_id=row["machine_id"],
-        event=event,
-        from_state=row.get("state"),
-        to_state=to,
-        detail=detail,
-        at=now,
+    history.record_many(
+        conn, [_history_row(row["id"], row["machine_id"], event, row.get("state"), to, now, detail)]
     )
 
 
@@ -359,7 +351,7 @@ def follow_grants(conn: Connection, credit_ids: list[str], now: datetime) -> int
         if row["state"] == AUTHORIZED and row["action"] is None:
             if grant_state == grants.APPLIED:
                 if row["captured_at_payment"]:
-                    _set_state(conn, row, CREDITED, now, "credited")
+                    _set_states(conn, [(row, CREDITED, None)], now)
                     continue
                 action = CAPTURE
             elif grant_state in (grants.REJECTED, grants.EXPIRED):
@@ -403,16 +395,26 @@ _SET_STATE = _update_purchase(
 )
 
 
-def _set_state(
+def _set_states(
     conn: Connection,
-    row: RowMapping | dict[str, Any],
-    state: str,
+    changes: list[tuple[RowMapping, str, dict[str, Any] | None]],
     now: datetime,
-    event: str,
-    detail: dict[str, Any] | None = None,
 ) -> None:
-    conn.execute(_SET_STATE, {"b_id": row["id"], "b_state": state, "b_now": now})
-    _history(conn, row, event, state, now, detail)
+    """Move each purchase to its new state, the owed call done (one statement each for
+    the whole list); the history entry is named after the state."""
+    if not changes:
+        return
+    conn.execute(
+        _SET_STATE,
+        [{"b_id": row["id"], "b_state": state, "b_now": now} for row, state, _ in changes],
+    )
+    history.record_many(
+        conn,
+        [
+            _history_row(row["id"], row["machine_id"], state, row["state"], state, now, detail)
+            for row, state, detail in changes
+        ],
+    )
 
 
 def _attention(
@@ -491,7 +493,7 @@ def claim_owed(conn: Connection, now: datetime, lease: timedelta, limit: int) ->
                 action = CAPTURE
             elif row["action_attempts"] == 0:
                 # The money was never sent back: keep it.
-                _set_state(conn, row, CREDITED, now, "credited")
+                _set_states(conn, [(row, CREDITED, None)], now)
                 continue
             else:
                 # An earlier attempt may have refunded it: find out, rather than finish
@@ -548,20 +550,10 @@ def settled(
     if not from a clean answer. Written with one statement per kind for the whole batch;
     returns each purchase's new state."""
     states = [_SETTLED[outcome] for _, outcome, _ in done]
-    if done:
-        conn.execute(
-            _SET_STATE,
-            [
-                {"b_id": row["id"], "b_state": state, "b_now": now}
-                for (row, _, _), state in zip(done, states, strict=True)
-            ],
-        )
-    history.record_many(
+    _set_states(
         conn,
-        [
-            _history_row(row["id"], row["machine_id"], state, row["state"], state, now, detail)
-            for (row, _, detail), state in zip(done, states, strict=True)
-        ],
+        [(row, state, detail) for (row, _, detail), state in zip(done, states, strict=True)],
+        now,
     )
     for i, (row, _, _) in enumerate(done):
         if (
