@@ -493,7 +493,8 @@ def test_events_paging_and_filters(client: stripe.StripeClient, stand: StandInTh
     backwards = client.v1.events.list(params={"limit": 2, "ending_before": events[-1].id})
     assert [e.id for e in backwards.auto_paging_iter()] == [e.id for e in reversed(events[:-1])]
 
-    later = events[0].created
+    # The two later events can straddle a second; the older one bounds both.
+    later = events[1].created
     recent = client.v1.events.list(params={"created": {"gte": later}})
     assert [event.id for event in recent.data] == [event.id for event in events[:2]]
     older = client.v1.events.list(params={"created": {"lt": later}, "limit": 100})
