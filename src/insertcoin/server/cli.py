@@ -87,6 +87,7 @@ def serve(
         _banner(settings, host, port, database, broker, new_token, workers)
         processes.run(settings, host, port, workers)
         return
+    _migrate_apart(settings)
     import uvicorn  # noqa: PLC0415
 
     from insertcoin.server.app import create_app  # noqa: PLC0415
@@ -114,6 +115,35 @@ def serve(
         )
     finally:
         runtime.stop()
+
+
+def _migrate_apart(settings: Any) -> None:
+    """Apply pending migrations in a child process (`insertcoin db upgrade`), so the
+    server, which runs for months, never loads Alembic, Mako and Pygments: 13.5 MiB it
+    would keep to the end. The server's own upgrade at start then finds the schema
+    current, which costs one query. (With --workers the parent migrates: it serves
+    nothing, and uvicorn spawns the workers as fresh interpreters.)"""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from insertcoin.server.store.database import current_revision, open_database  # noqa: PLC0415
+    from insertcoin.server.store.migrations import LATEST_REVISION  # noqa: PLC0415
+
+    db = open_database(settings.sqlalchemy_url)
+    try:
+        if current_revision(db) == LATEST_REVISION:
+            return
+    finally:
+        db.dispose()
+    # The child's output is the server's: "database … is at revision …", or one line
+    # naming the fix.
+    child = subprocess.run(
+        [sys.executable, "-m", "insertcoin", "db", "upgrade"],
+        env={**os.environ, "INSERTCOIN_DATABASE_URL": settings.database_url},
+        check=False,
+    )
+    if child.returncode != 0:
+        raise typer.Exit(child.returncode)
 
 
 @_friendly
