@@ -87,13 +87,13 @@ def serve(
         _banner(settings, host, port, database, broker, new_token, workers)
         processes.run(settings, host, port, workers)
         return
-    _migrate_apart(settings)
     import uvicorn  # noqa: PLC0415
 
     from insertcoin.server.app import create_app  # noqa: PLC0415
     from insertcoin.server.runtime import Runtime  # noqa: PLC0415
 
     runtime = Runtime(settings)
+    _migrate_apart(runtime.db, settings.database_url)
     runtime.start()
     try:
         assert runtime.admin is not None
@@ -117,7 +117,7 @@ def serve(
         runtime.stop()
 
 
-def _migrate_apart(settings: Any) -> None:
+def _migrate_apart(db: Any, database_url: str) -> None:
     """Apply pending migrations in a child process (`insertcoin db upgrade`), so the
     server, which runs for months, never loads Alembic, Mako and Pygments: 13.5 MiB it
     would keep to the end. The server's own upgrade at start then finds the schema
@@ -126,20 +126,16 @@ def _migrate_apart(settings: Any) -> None:
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
-    from insertcoin.server.store.database import current_revision, open_database  # noqa: PLC0415
+    from insertcoin.server.store.database import current_revision  # noqa: PLC0415
     from insertcoin.server.store.migrations import LATEST_REVISION  # noqa: PLC0415
 
-    db = open_database(settings.sqlalchemy_url)
-    try:
-        if current_revision(db) == LATEST_REVISION:
-            return
-    finally:
-        db.dispose()
+    if current_revision(db) == LATEST_REVISION:
+        return
     # The child's output is the server's: "database … is at revision …", or one line
     # naming the fix.
     child = subprocess.run(
         [sys.executable, "-m", "insertcoin", "db", "upgrade"],
-        env={**os.environ, "INSERTCOIN_DATABASE_URL": settings.database_url},
+        env={**os.environ, "INSERTCOIN_DATABASE_URL": database_url},
         check=False,
     )
     if child.returncode != 0:
