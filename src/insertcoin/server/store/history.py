@@ -39,7 +39,8 @@ def record(
 
 
 def record_many(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Append several entries in one statement (rows shaped as the table's columns)."""
+    """Append several entries in one call (rows shaped as the table's columns): one
+    executemany, which SQLite runs in C and psycopg pipelines."""
     if rows:
         conn.execute(_INSERT, rows)
 
