@@ -1,7 +1,10 @@
 """The gateway's HTTP transport, against the stand-in over real HTTP: it goes through the
-proxy the environment names (and around it for NO_PROXY hosts), and a Stripe that does
-not answer is `StripeUnavailable` with no status."""
+proxy the environment names (and around it for NO_PROXY hosts), a Stripe that does not
+answer is `StripeUnavailable` with no status, and the SDK's own HTTP libraries are not
+loaded into the server."""
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,3 +129,31 @@ def test_a_stripe_that_does_not_answer_is_unavailable_with_no_status() -> None:
         gateway.retrieve_payment_intent("pi_anything")
     assert unavailable.value.status is None
     assert "network error" in str(unavailable.value)
+
+
+_CHILD = """
+import sys
+from insertcoin.server.payments.gateway import StripeGateway
+gateway = StripeGateway(sys.argv[1], api_base=sys.argv[2], timeout=5)
+print(gateway.retrieve_session(sys.argv[3]).id)
+print(sorted({"requests", "httpx", "aiohttp"} & sys.modules.keys()))
+import requests, httpx
+print(requests.__name__, httpx.__name__)
+"""
+
+
+def test_the_sdk_loads_without_the_http_libraries_it_is_not_given(
+    standin: StandInThread,
+) -> None:
+    """A fresh process, as the server: the gateway works, and neither requests nor httpx
+    (nor aiohttp) was imported on the way (a development install has all three), while
+    importing them later still works."""
+    session_id = _session(standin)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, API_KEY, standin.url, session_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines() == [session_id, "[]", "requests httpx"]

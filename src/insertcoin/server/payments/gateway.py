@@ -5,7 +5,7 @@ acts on, so a retry after a timeout cannot act twice. Errors come out as two kin
 `StripeUnavailable` (5xx, 429 or no answer: the outcome is unknown, re-read before
 retrying) and `StripeRefused` (Stripe answered no; retrying the same call won't help).
 
-`import stripe` costs about 0.25 s, so it happens on first use (or in `warm_up`, off the
+Loading the SDK costs about 0.08 s, so it happens on first use (or in `warm_up`, off the
 start-up path), never when this module is imported.
 """
 
@@ -123,18 +123,10 @@ class StripeGateway:
     def _sdk(self) -> "stripe.StripeClient":
         with self._lock:
             if self._client is None:
-                import stripe  # noqa: PLC0415 - 0.25 s: kept off the start-up path
+                # 0.08 s: kept off the start-up path
+                from insertcoin.server.payments import stripe_http  # noqa: PLC0415
 
-                from insertcoin.server.payments.stripe_http import StripeTransport  # noqa: PLC0415
-
-                api_base = self._api_base or stripe.DEFAULT_API_BASE
-                self._client = stripe.StripeClient(
-                    self._api_key,
-                    base_addresses={"api": api_base},
-                    # Retries are ours: after a 5xx we re-read before deciding.
-                    max_network_retries=0,
-                    http_client=StripeTransport(api_base, self._timeout),
-                )
+                self._client = stripe_http.new_client(self._api_key, self._api_base, self._timeout)
             return self._client
 
     def _call(self, action: str, call: Callable[["stripe.StripeClient"], T]) -> T:

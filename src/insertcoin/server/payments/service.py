@@ -84,7 +84,7 @@ class Payments:
             reconcile_interval=settings.reconcile_interval_seconds,
             backoff=backoff,
         )
-        # The SDK import (≈ 0.25 s of CPU) and the local Stripe happen in the background
+        # The SDK import (≈ 0.08 s of CPU) and the local Stripe happen in the background
         # once start-up is done: started at once, they would compete with it for the GIL.
         self._warm_up = threading.Timer(_WARM_UP_DELAY, self._warm)
         self._warm_up.daemon = True

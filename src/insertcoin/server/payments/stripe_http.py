@@ -9,13 +9,28 @@ all the rest: authentication, API version, idempotency keys and its error types.
 Imported on first use of the SDK, like `stripe` itself.
 """
 
+import sys
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import stripe
 import urllib3
+
+# When it loads, the SDK imports every HTTP library it finds (requests, httpx, aiohttp)
+# to pick its default transports. This server gives it its own transport and never uses
+# them, yet they would stay in memory for the process's life: about 4 MiB for requests
+# in a server install, 11 MiB with httpx and aiohttp in a development one. A None in
+# `sys.modules` makes an import fail (the SDK then falls back to urllib, unused); the
+# entries go right after, so a later import of these libraries works as usual.
+_UNUSED = [name for name in ("requests", "httpx", "aiohttp") if name not in sys.modules]
+sys.modules.update(dict.fromkeys(_UNUSED))  # type: ignore[arg-type]
+try:
+    import stripe
+finally:
+    for name in _UNUSED:
+        if sys.modules.get(name, ...) is None:
+            del sys.modules[name]
 
 # One connection per thread that may call at once (intake's readers and settlement's
 # callers); a burst past that opens extra connections rather than waiting.
@@ -68,6 +83,18 @@ class StripeTransport(stripe.HTTPClient):
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def new_client(api_key: str, api_base: str | None, timeout: float) -> stripe.StripeClient:
+    """A `StripeClient` sending through `StripeTransport`, with `api_base` (or Stripe's)."""
+    base = api_base or stripe.DEFAULT_API_BASE
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": base},
+        # Retries are the gateway's: after a 5xx it re-reads before deciding.
+        max_network_retries=0,
+        http_client=StripeTransport(base, timeout),
+    )
 
 
 def _proxy_for(url: str) -> str | None:
