@@ -6,6 +6,7 @@ as a subprocess, the way an operator runs it."""
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -346,6 +347,27 @@ def test_serve_workers_refuses_what_one_process_owns(tmp_path: Path, env, named)
     )
     _assert_one_line_error(result, "--workers 2", named)
     assert not db.exists()
+
+
+def test_with_no_broker_configured_the_one_answering_locally_is_used_else_the_embedded_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """INSERTCOIN_MQTT_URL unset: whatever answers on the default address is used, and
+    when nothing does the embedded broker is started there; `how` is what the banner shows."""
+    from insertcoin.server import runtime  # noqa: PLC0415
+
+    settings = load_settings(database_url="sqlite://")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        monkeypatch.setattr(runtime, "DEFAULT_MQTT_PORT", port)
+        target, how = runtime.resolve_broker(settings)
+        assert (target.host, target.port, how) == ("127.0.0.1", port, "found listening locally")
+    target, how = runtime.resolve_broker(settings)
+    assert (target.host, target.port, how) == ("127.0.0.1", port, runtime.EMBEDDED)
+    configured = load_settings(database_url="sqlite://", mqtt_url=f"mqtt://127.0.0.1:{port}")
+    assert runtime.resolve_broker(configured)[1] == "configured"
 
 
 def test_serve_workers_refuses_the_embedded_broker(monkeypatch: pytest.MonkeyPatch, tmp_path):
