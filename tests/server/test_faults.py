@@ -811,3 +811,51 @@ def test_serve_workers_replace_a_sigkilled_worker_and_lose_nothing(
     assert set(last) != set(first)
     _assert_clean(tally, seed)
     assert tally.counts["issued"] >= MIN_GRANTS
+
+
+def _delivery_count(scrape: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    for family in text_string_to_metric_families(scrape):
+        for sample in family.samples:
+            if sample.name == "insertcoin_grant_delivery_seconds_count":
+                return sample.value
+    raise AssertionError("no insertcoin_grant_delivery_seconds_count in /metrics")
+
+
+@pytest.mark.timeout(180)
+def test_serve_workers_metrics_count_every_workers_deliveries(
+    db_url: str, broker: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: the shared subscription hands the acks to both workers, and
+    `/metrics` counts every delivery in its latency histogram whichever worker answers
+    the scrape (each scrape on a new connection, so both get asked)."""
+    machine_ids = ["mw0", "mw1"]
+    (tmp_path / "server").mkdir()
+    server = ServerProcess(
+        _server_env(db_url, broker, prefix, **UNUSED_STRIPE),
+        tmp_path / "server",
+        args=("--workers", "2"),
+    )
+    cabinet = FakeCabinets(broker.url, Topics(prefix), machine_ids)
+    engine = _engine(db_url)
+    try:
+        server.start()
+        _wait_workers(server, 2)
+        _add_cabinets(server.url, machine_ids)
+        cabinet.start()
+        with httpx.Client(base_url=server.url, headers=ADMIN, timeout=10) as client:
+            ids = {
+                client.post(
+                    f"/api/cabinets/{machine_ids[i % 2]}/credits",
+                    json={"credits": 1, "reason": "metrics test"},
+                ).json()["creditId"]
+                for i in range(60)
+            }
+        assert not _wait_applied(engine, ids, timeout=60)
+        scrapes = [httpx.get(f"{server.url}/metrics", timeout=10).text for _ in range(12)]
+    finally:
+        cabinet.stop()
+        server.stop()
+        engine.dispose()
+    assert [_delivery_count(scrape) for scrape in scrapes] == [60.0] * 12

@@ -1,6 +1,8 @@
 """Prometheus metrics. Counts that must agree across server processes (grants by state,
-cabinets online) are read from the database at scrape time; latencies are per process."""
+cabinets online) are read from the database at scrape time. Latencies are per process,
+except under `serve --workers N`: there the workers share them (see `Metrics`)."""
 
+import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -72,19 +74,32 @@ class _DatabaseCollector(Collector):
         )
 
 
+# prometheus_client's multiprocess mode: set (before it is imported) by `serve --workers`.
+SHARED_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
     def __init__(self, db: Database) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_DatabaseCollector(db))
+        # Workers behind one port: each writes its observations to files in a directory
+        # they share, and whichever worker answers a scrape adds them all up (the files
+        # of a worker that died stay counted). Alone, a process keeps them in memory.
+        shared = os.environ.get(SHARED_DIR_VARIABLE)
+        if shared:
+            from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+
+            MultiProcessCollector(self.registry, path=shared)  # type: ignore[no-untyped-call]
+        observed = None if shared else self.registry
         self.delivery_seconds = Histogram(
             "insertcoin_grant_delivery_seconds",
             "From grant created to the cabinet's applied ack",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=self.registry,
+            registry=observed,
         )
         self.webhook_seconds = Histogram(
             "insertcoin_webhook_seconds",
             "Stripe webhook handling, from request to the durable 200",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.registry,
+            registry=observed,
         )

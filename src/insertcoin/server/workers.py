@@ -7,7 +7,9 @@ the admin token and prints the banner before they start.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 import structlog
 import uvicorn
@@ -17,6 +19,7 @@ from insertcoin.logs import configure as configure_logs
 from insertcoin.server import SWITCH_INTERVAL
 from insertcoin.server.admin import AdminToken
 from insertcoin.server.errors import ConfigError
+from insertcoin.server.metrics import SHARED_DIR_VARIABLE
 from insertcoin.server.runtime import EMBEDDED, resolve_broker
 from insertcoin.server.settings import Settings, load_settings
 from insertcoin.server.store.database import open_database, upgrade
@@ -56,16 +59,23 @@ def run(settings: Settings, host: str, port: int, workers: int) -> None:
     # Each worker reads its settings from the environment: hand it the public URL that
     # `serve` derived from --host/--port.
     os.environ["INSERTCOIN_PUBLIC_URL"] = settings.public_url
-    uvicorn.run(
-        f"{__name__}:worker_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        ws="none",
-        log_level="warning",
-        access_log=False,
-    )
+    # ... and a directory for their metrics, so that /metrics counts every worker's
+    # observations whichever of them answers; fresh for each run.
+    shared = tempfile.mkdtemp(prefix="insertcoin-metrics-")
+    os.environ[SHARED_DIR_VARIABLE] = shared
+    try:
+        uvicorn.run(
+            f"{__name__}:worker_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            ws="none",
+            log_level="warning",
+            access_log=False,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def worker_app() -> FastAPI:
