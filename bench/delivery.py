@@ -295,6 +295,7 @@ def run_database(
                 **dict(item.split("=", 1) for item in args.server_env),
             },
             workers,
+            args.server_python,
         )
         result["server_start_seconds"] = round(server.start(), 3)
         acker: AckerProcess | None = None
@@ -653,6 +654,7 @@ def main() -> None:
             "profiled": bool(args.profile),
             "nodelay_experiment": args.nodelay,
             "server_env_extra": args.server_env,
+            "server_python": args.server_python,
         },
         "notes": [
             "All latencies start at the client's time.time() just before the request.",

@@ -243,6 +243,7 @@ def run_database(
                 "INSERTCOIN_RECONCILE_INTERVAL_SECONDS": "3600",
             },
             workers,
+            args.server_python,
         )
         print(f"\n== {runs.label(kind, workers)}: broker {broker.url}, stand-in {standin.url}")
         acker: AckerProcess | None = None
@@ -405,7 +406,11 @@ def main() -> None:
             "platform": platform.platform(),
             "load_average_before": os.getloadavg(),
         },
-        "settings": {"concurrency": args.concurrency, "seconds": args.seconds},
+        "settings": {
+            "concurrency": args.concurrency,
+            "seconds": args.seconds,
+            "server_python": args.server_python,
+        },
         "runs": {},
     }
     started = time.monotonic()

@@ -2,6 +2,7 @@
 arguments they share, and one run per database and `serve --workers` count."""
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -20,6 +21,12 @@ def add_arguments(
     )
     parser.add_argument("--drain", type=float, default=drain, help="max wait after the load")
     parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument(
+        "--server-python",
+        default=sys.executable,
+        help="the interpreter that runs `serve` (default: this one), e.g. that of a venv "
+        "with the server extra only, as an operator installs it (see bench/README.md)",
+    )
 
 
 def planned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, int]]:

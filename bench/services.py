@@ -298,9 +298,11 @@ class ServerProcess(support_server.ServerProcess):
     """`python -m insertcoin serve [--workers N]` on a free port with production-like
     timings, its output in a log file."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], workers: int = 1, python: str = sys.executable
+    ) -> None:
         args = ("--workers", str(workers)) if workers > 1 else ()
-        super().__init__(env, workdir, base_env=SERVER_ENV, args=args)
+        super().__init__(env, workdir, base_env=SERVER_ENV, args=args, python=python)
         self.workers = workers
 
     def serving_pids(self) -> list[int]:

@@ -112,9 +112,11 @@ class ServerProcess:
         port: int | None = None,
         base_env: dict[str, str] = FAST,
         args: tuple[str, ...] = (),
+        python: str = sys.executable,
     ) -> None:
         self.port = port or free_port()
         self.args = args
+        self.python = python
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **base_env, **env}
         self.workdir = workdir
@@ -131,7 +133,7 @@ class ServerProcess:
         started = time.monotonic()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "insertcoin", "serve", "--port", str(self.port), *self.args],
+                [self.python, "-m", "insertcoin", "serve", "--port", str(self.port), *self.args],
                 env=self.env,
                 cwd=self.workdir,
                 stdout=log,
