@@ -302,7 +302,7 @@ class ServerProcess(support_server.ServerProcess):
         self, workdir: Path, env: dict[str, str], workers: int = 1, python: str = sys.executable
     ) -> None:
         args = ("--workers", str(workers)) if workers > 1 else ()
-        super().__init__(env, workdir, base_env=SERVER_ENV, args=args, python=python)
+        super().__init__(env, workdir, base_env=SERVER_ENV, args=args, interpreter=(python,))
         self.workers = workers
 
     def serving_pids(self) -> list[int]:

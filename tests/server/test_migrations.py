@@ -2,14 +2,10 @@
 Alembic) is Alembic's head, and migrating an empty database gives exactly the schema in
 `tables.metadata`, on SQLite and on PostgreSQL."""
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -29,8 +25,8 @@ from insertcoin.server.store.database import (
 )
 from insertcoin.server.store.migrations import LATEST_REVISION
 from insertcoin.server.store.tables import history, metadata
-from tests.support.server import FAST, make_settings
-from tests.support.services import free_port, mosquitto
+from tests.support.server import ServerProcess, make_settings
+from tests.support.services import mosquitto
 
 
 def _config() -> Config:
@@ -111,40 +107,22 @@ def test_history_is_append_only(db: Database):
         assert conn.execute(select(history.c.event)).scalars().all() == ["created"]
 
 
-def _serving(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/status", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_serve_migrates_in_a_child_process(db: Database, db_url: str, tmp_path: Path):
     """`serve` on an empty database has `insertcoin db upgrade` migrate it in a child
     process, so Alembic (with Mako and Pygments, 13.5 MiB) never enters the server that
     stays up: under `-X importtime`, which a child does not inherit, the server imports
     no alembic module, and it serves the latest schema."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with mosquitto(tmp_path) as broker, log.open("wb") as out:
-        serve = ["-m", "insertcoin", "serve", "--port", str(port)]
-        env = {**FAST, "INSERTCOIN_DATABASE_URL": db_url, "INSERTCOIN_MQTT_URL": broker.url}
-        server = subprocess.Popen(
-            [sys.executable, "-X", "importtime", *serve],
-            env={**os.environ, **env},
-            cwd=tmp_path,
-            stdout=out,
-            stderr=out,
+    with mosquitto(tmp_path) as broker:
+        server = ServerProcess(
+            {"INSERTCOIN_DATABASE_URL": db_url, "INSERTCOIN_MQTT_URL": broker.url},
+            tmp_path,
+            interpreter=(sys.executable, "-X", "importtime"),
         )
         try:
-            deadline = time.monotonic() + 30
-            while not _serving(port):
-                assert server.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
+            server.start(timeout=30)
         finally:
-            server.terminate()
-            server.wait(10)
-    output = log.read_text()
+            server.stop()
+    output = server.log.read_text()
     imported = {
         line.rsplit("|", 1)[1].strip()
         for line in output.splitlines()

@@ -112,11 +112,11 @@ class ServerProcess:
         port: int | None = None,
         base_env: dict[str, str] = FAST,
         args: tuple[str, ...] = (),
-        python: str = sys.executable,
+        interpreter: tuple[str, ...] = (sys.executable,),
     ) -> None:
         self.port = port or free_port()
         self.args = args
-        self.python = python
+        self.interpreter = interpreter
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **base_env, **env}
         self.workdir = workdir
@@ -131,9 +131,10 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> float:
         """Start and wait for `/status` 200; returns the seconds that took."""
         started = time.monotonic()
+        command = [*self.interpreter, "-m", "insertcoin", "serve", "--port", str(self.port)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [self.python, "-m", "insertcoin", "serve", "--port", str(self.port), *self.args],
+                [*command, *self.args],
                 env=self.env,
                 cwd=self.workdir,
                 stdout=log,

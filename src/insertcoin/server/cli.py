@@ -5,11 +5,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from insertcoin.logs import configure as configure_logs
+
+if TYPE_CHECKING:
+    from insertcoin.server.store.database import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,7 +120,7 @@ def serve(
         runtime.stop()
 
 
-def _migrate_apart(db: Any, database_url: str) -> None:
+def _migrate_apart(db: "Database", database_url: str) -> None:
     """Apply pending migrations in a child process (`insertcoin db upgrade`), so the
     server, which runs for months, never loads Alembic, Mako and Pygments: 13.5 MiB it
     would keep to the end. The server's own upgrade at start then finds the schema
