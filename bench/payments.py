@@ -56,6 +56,7 @@ from bench.services import (
     AckerProcess,
     CpuWindow,
     ServerProcess,
+    cpu_seconds,
     database,
     mosquitto,
     to_unix,
@@ -273,6 +274,7 @@ def run_database(
                 "client": [os.getpid()],
             }
             cpu = CpuWindow(pids, db.server_backends if kind == "postgresql" else None)
+            spent = cpu_seconds(pids)
             cpu.start()
             sustained = _post_events(
                 url,
@@ -282,6 +284,8 @@ def run_database(
             )
             usage = cpu.stop()
             drained = _drain(db, args.drain)
+            # All the work of the sustained phase's purchases, the backlog's included.
+            spent = {name: used - spent[name] for name, used in cpu_seconds(pids).items()}
             result["rss_mib_after_load"] = _rss_mib(server.serving_pids())
             print(f"  c={args.concurrency}: {len(sustained)} webhooks, drained in {drained:.1f} s")
         finally:
@@ -320,6 +324,11 @@ def run_database(
         ),
         "drain_seconds": round(drained, 1),
         "cpu": usage,
+        # From the first POST until nothing was owed, per purchase credited.
+        "cpu_ms_per_credited": {
+            name: round(seconds * 1000 / len(credited), 3) if credited else None
+            for name, seconds in spent.items()
+        },
         **_latencies(sustained, load_sessions, received, facts),
     }
     result["summary"] = _summary(result)
@@ -338,6 +347,7 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
         "credited_per_second": sustained["credited_per_second"],
         "lost": sustained["lost"],
         "rss_peak_mib": r["rss_mib_after_load"]["peak"],
+        "server_cpu_ms_per_credited": sustained["cpu_ms_per_credited"]["server"],
         "targets": {
             "accepted_per_second": TARGET_ACCEPTED_PER_SECOND,
             "webhook_to_coinpulse_p50_ms": TARGET_PULSE_P50_MS,
@@ -366,6 +376,7 @@ def _print_report(report: dict[str, Any]) -> None:
                 fmt(s["accepted_per_second"], 0),
                 fmt(s["credited_per_second"], 0),
                 s["lost"],
+                fmt(s["server_cpu_ms_per_credited"]),
                 fmt(s["rss_peak_mib"], 1),
             ]
         )
@@ -382,6 +393,7 @@ def _print_report(report: dict[str, Any]) -> None:
                 "accepted/s c=32",
                 "credited/s",
                 "lost",
+                "server CPU ms/credited",
                 "RSS peak MiB",
             ],
             rows,

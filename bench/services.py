@@ -49,6 +49,13 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU so far, per name, summed over its processes."""
+    return {
+        name: sum(process_cpu_seconds(pid) or 0.0 for pid in group) for name, group in pids.items()
+    }
+
+
 def process_cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of one process; (0, 0) if it is gone."""
     try:
@@ -111,10 +118,7 @@ class CpuWindow:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> dict[str, float]:
-        return {
-            name: sum(process_cpu_seconds(pid) or 0.0 for pid in pids)
-            for name, pids in self.pids.items()
-        }
+        return cpu_seconds(self.pids)
 
     def _sample_backends(self) -> None:
         assert self._backends is not None

@@ -1,17 +1,22 @@
 """The gateway's HTTP transport, against the stand-in over real HTTP: it goes through the
-proxy the environment names (and around it for NO_PROXY hosts), a Stripe that does not
-answer is `StripeUnavailable` with no status, and the SDK's own HTTP libraries are not
-loaded into the server."""
+proxy the environment names (a tunnel for HTTPS, with the proxy URL's credentials; around
+it for NO_PROXY hosts), keeps connections alive and replaces those the other end closed,
+a Stripe that does not answer is `StripeUnavailable` with no status, and the SDK's own
+HTTP libraries are not loaded into the server."""
 
+import base64
+import http.client
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-import urllib3
 
 from insertcoin.server.payments.gateway import StripeGateway, StripeRefused, StripeUnavailable
 from tests.support.services import free_port
@@ -23,30 +28,42 @@ class ForwardProxy:
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.credentials: list[str | None] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def _relay(self) -> None:
                 proxy.seen.append(f"{self.command} {self.path}")
+                proxy.credentials.append(self.headers.get("Proxy-Authorization"))
                 length = int(self.headers.get("Content-Length") or 0)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                answer = urllib3.request(
-                    self.command,
-                    self.path,
-                    headers=headers,
-                    body=self.rfile.read(length) if length else None,
-                    redirect=False,
-                    retries=False,
-                )
+                target = urlsplit(self.path)
+                upstream = http.client.HTTPConnection(target.netloc, timeout=10)
+                try:
+                    upstream.request(
+                        self.command,
+                        self.path[len(f"{target.scheme}://{target.netloc}") :],
+                        body=self.rfile.read(length) if length else None,
+                        headers=headers,
+                    )
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
                 self.send_response(answer.status)
                 for name in ("Content-Type", "Request-Id"):
                     if name in answer.headers:
                         self.send_header(name, answer.headers[name])
-                self.send_header("Content-Length", str(len(answer.data)))
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(answer.data)
+                self.wfile.write(data)
 
             do_GET = do_POST = _relay
+
+            def do_CONNECT(self) -> None:
+                proxy.seen.append(f"{self.command} {self.path}")
+                proxy.credentials.append(self.headers.get("Proxy-Authorization"))
+                self.send_error(502, "no tunnels here")
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -104,7 +121,7 @@ def test_calls_go_through_the_proxy_the_environment_names(
     assert not gateway.has_refund("pi_none")
     assert proxy.seen == [
         f"GET {standin.url}/v1/checkout/sessions/{session_id}"
-        "?expand%5B0%5D=payment_intent&expand%5B1%5D=line_items",
+        "?expand[0]=payment_intent&expand[1]=line_items",  # as the SDK writes it
         f"GET {standin.url}/v1/refunds?payment_intent=pi_none&limit=1",
     ]
     with pytest.raises(StripeRefused) as refused:
@@ -121,6 +138,79 @@ def test_no_proxy_hosts_are_called_directly(
     gateway = _proxied_only(proxy, standin)
     assert gateway.retrieve_session(session_id).id == session_id
     assert proxy.seen == []
+
+
+def test_https_goes_through_a_tunnel_with_the_proxy_urls_credentials(
+    proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """To an HTTPS Stripe the proxy is asked for a tunnel (CONNECT), never shown a
+    request; here it refuses one, which is no answer from Stripe."""
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://ops:s%40fe@"))
+    port = free_port()
+    gateway = StripeGateway(API_KEY, api_base=f"https://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(StripeUnavailable) as unavailable:
+        gateway.retrieve_payment_intent("pi_anything")
+    assert unavailable.value.status is None
+    assert proxy.seen == [f"CONNECT 127.0.0.1:{port}"]
+    assert proxy.credentials == ["Basic " + base64.b64encode(b"ops:s@fe").decode()]
+
+
+class ClosingServer:
+    """Answers every request as Stripe would a payment intent, over keep-alive
+    connections; counts the connections, and can close the idle ones from its side."""
+
+    def __init__(self) -> None:
+        self.connections: list[socket.socket] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                server.connections.append(self.connection)
+
+            def do_GET(self) -> None:
+                body = b'{"id": "pi_1", "object": "payment_intent", "status": "succeeded"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close_idle(self) -> None:
+        for connection in self.connections:
+            connection.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_connections_are_kept_alive_and_replaced_once_the_other_end_closed_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = ClosingServer()
+    try:
+        gateway = StripeGateway(API_KEY, api_base=server.url, timeout=5)
+        for _ in range(3):
+            assert gateway.retrieve_payment_intent("pi_1").status == "succeeded"
+        assert len(server.connections) == 1
+        server.close_idle()  # as Stripe does with a connection idle for too long
+        time.sleep(0.2)
+        assert gateway.retrieve_payment_intent("pi_1").status == "succeeded"
+        assert len(server.connections) == 2
+    finally:
+        server.stop()
 
 
 def test_a_stripe_that_does_not_answer_is_unavailable_with_no_status() -> None:

@@ -1,21 +1,27 @@
-"""The Stripe SDK's HTTP transport: urllib3 connection pools, one per address, shared by
-every thread that calls Stripe.
+"""The Stripe SDK's HTTP transport: keep-alive connections from the standard library's
+`http.client`, kept between calls and shared by every thread that calls Stripe.
 
 The SDK's default transport is `requests`, whose per-call work (merging environment
-settings, hooks, cookies, adapters) was a third of every Stripe call's CPU; urllib3
-(what `requests` sends with) does the same call for about 0.35 ms less. The SDK keeps
-all the rest: authentication, API version, idempotency keys and its error types.
+settings, hooks, cookies, adapters) was a third of every Stripe call's CPU. urllib3,
+which `requests` sends with, still cost about as much again as the SDK itself (it
+re-parses and re-encodes every URL twice, and has pool and response layers); the
+`http.client` it sends with in turn makes the same call for 30 to 40% less CPU (a
+session re-read from the stand-in: 470 to 680 µs with urllib3, 370 to 430 with it). The
+SDK keeps all the rest: authentication, API version, idempotency keys, its error types.
 
 Imported on first use of the SDK, like `stripe` itself.
 """
 
+import base64
+import http.client
+import select
+import ssl
 import sys
+import threading
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
-
-import urllib3
+from urllib.parse import SplitResult, unquote, urlsplit
 
 # When it loads, the SDK imports every HTTP library it finds (requests, httpx, aiohttp)
 # to pick its default transports. This server gives it its own transport and never uses
@@ -32,31 +38,66 @@ finally:
         if sys.modules.get(name, ...) is None:
             del sys.modules[name]
 
-# One connection per thread that may call at once (intake's readers and settlement's
-# callers); a burst past that opens extra connections rather than waiting.
+# Idle connections kept for the next call: one per thread that may call at once
+# (intake's readers and settlement's callers); a burst past that opens more, closed after.
 _POOL_SIZE = 16
 
 
 class StripeTransport(stripe.HTTPClient):
-    name = "urllib3"
+    name = "http.client"
 
     def __init__(self, api_base: str, timeout: float) -> None:
         super().__init__()
-        options: dict[str, Any] = {
-            "maxsize": _POOL_SIZE,
-            "timeout": urllib3.Timeout(connect=timeout, read=timeout),
-            # Retries are the gateway's: after an unknown outcome it re-reads first.
-            "retries": False,
-            # The CA bundle the SDK ships with, as its own transports use.
-            "ca_certs": stripe.ca_bundle_path,
-        }
-        proxy = _proxy_for(api_base)
-        self._pool = (
-            urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+        target = urlsplit(api_base)
+        self._origin = f"{target.scheme}://{target.netloc}"
+        self._host = target.hostname or ""
+        self._tls = target.scheme == "https"
+        self._port = target.port or (443 if self._tls else 80)
+        self._timeout = timeout
+        # The CA bundle the SDK ships with, as its own transports use.
+        self._context = (
+            ssl.create_default_context(cafile=stripe.ca_bundle_path) if self._tls else None
         )
+        self._via = _proxy_for(api_base)
+        self._via_headers = _proxy_auth(self._via) if self._via is not None else {}
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._via is None:
+            host, port = self._host, self._port
+        else:
+            host, port = self._via.hostname or "", self._via.port or 80
+        if not self._tls:
+            return http.client.HTTPConnection(host, port, timeout=self._timeout)
+        connection = http.client.HTTPSConnection(
+            host, port, timeout=self._timeout, context=self._context
+        )
+        if self._via is not None:
+            # To an HTTPS Stripe, a proxy only relays the encrypted stream (CONNECT).
+            connection.set_tunnel(self._host, self._port, headers=self._via_headers)
+        return connection
+
+    def _take(self) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return self._connect()
+                connection = self._idle.pop()
+            if not _dropped(connection):
+                return connection
+            connection.close()
+
+    def _give_back(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < _POOL_SIZE:
+                self._idle.append(connection)
+                return
+        connection.close()
 
     # The body comes back as bytes, as from the SDK's own RequestsClient (its base class
-    # says str).
+    # says str); the headers as http.client's message, which looks names up regardless
+    # of case, as the SDK does (`Request-Id`, `request-id`).
     def request(  # type: ignore[override]
         self,
         method: str,
@@ -65,24 +106,41 @@ class StripeTransport(stripe.HTTPClient):
         post_data: Any = None,
         *,
         _usage: list[str] | None = None,
-    ) -> tuple[bytes, int, Mapping[str, str]]:
-        try:
-            response = self._pool.request(
-                method.upper(),
-                url,
-                headers=dict(headers or {}),
-                body=post_data,
-                redirect=False,
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            # Timeouts, refused or dropped connections, TLS failures: no answer came.
+    ) -> tuple[bytes, int, http.client.HTTPMessage]:
+        if not url.startswith(self._origin):
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
-                f"network error talking to Stripe: {exc}", should_retry=True
+                f"not a Stripe address this server was given: {url}"
+            )
+        sent = dict(headers or {})
+        if self._via is not None and not self._tls:
+            # Through a proxy, plain HTTP asks for the whole URL (and shows credentials).
+            target = url
+            sent.update(self._via_headers)
+        else:
+            target = url[len(self._origin) :]
+        body = post_data.encode() if isinstance(post_data, str) else post_data
+        connection = self._take()
+        try:
+            connection.request(method.upper(), target, body=body, headers=sent)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            # Timeouts, refused or dropped connections, TLS failures: no answer came.
+            connection.close()
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"network error talking to Stripe: {exc!r}", should_retry=True
             ) from exc
-        return response.data, response.status, response.headers
+        if response.will_close:
+            connection.close()
+        else:
+            self._give_back(connection)
+        return data, response.status, response.headers
 
     def close(self) -> None:
-        self._pool.clear()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
 
 def new_client(api_key: str, api_base: str | None, timeout: float) -> stripe.StripeClient:
@@ -97,10 +155,29 @@ def new_client(api_key: str, api_base: str | None, timeout: float) -> stripe.Str
     )
 
 
-def _proxy_for(url: str) -> str | None:
-    """The proxy the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) names for `url`,
-    resolved once: looking it up on every call would cost more than the call."""
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """An idle connection the other end has closed (or sent something unasked on): it
+    reads as ready. Reusing it would fail the call, so it is replaced instead."""
+    if connection.sock is None:
+        return False  # not connected yet: request() connects it
+    poll = select.poll()
+    poll.register(connection.sock, select.POLLIN)
+    return bool(poll.poll(0))
+
+
+def _proxy_for(url: str) -> SplitResult | None:
+    """The proxy the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) names for `url`
+    (split), resolved once: looking it up on every call would cost more than the call."""
     parts = urlsplit(url)
     if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
         return None
-    return urllib.request.getproxies().get(parts.scheme)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    return urlsplit(proxy if "://" in proxy else f"http://{proxy}") if proxy else None
+
+
+def _proxy_auth(proxy: SplitResult) -> dict[str, str]:
+    """Basic credentials for the proxy, when its URL carries them (user:password@)."""
+    if proxy.username is None:
+        return {}
+    pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
