@@ -23,7 +23,25 @@ from tests.support.services import free_port
 from tests.support.standin import API_KEY, StandInThread, standin_thread
 
 
-class ForwardProxy:
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class LocalServer:
+    """An HTTP server on a free local port, serving from a thread until stopped."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class ForwardProxy(LocalServer):
     """A plain HTTP forward proxy that records each request line it relays."""
 
     def __init__(self) -> None:
@@ -31,7 +49,7 @@ class ForwardProxy:
         self.credentials: list[str | None] = []
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _relay(self) -> None:
                 proxy.seen.append(f"{self.command} {self.path}")
                 proxy.credentials.append(self.headers.get("Proxy-Authorization"))
@@ -65,16 +83,7 @@ class ForwardProxy:
                 proxy.credentials.append(self.headers.get("Proxy-Authorization"))
                 self.send_error(502, "no tunnels here")
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +164,7 @@ def test_https_goes_through_a_tunnel_with_the_proxy_urls_credentials(
     assert proxy.credentials == ["Basic " + base64.b64encode(b"ops:s@fe").decode()]
 
 
-class ClosingServer:
+class ClosingServer(LocalServer):
     """Answers every request as Stripe would a payment intent, over keep-alive
     connections; counts the connections, and can close the idle ones from its side."""
 
@@ -163,7 +172,7 @@ class ClosingServer:
         self.connections: list[socket.socket] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def setup(self) -> None:
@@ -178,20 +187,11 @@ class ClosingServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def close_idle(self) -> None:
         for connection in self.connections:
             connection.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def test_connections_are_kept_alive_and_replaced_once_the_other_end_closed_them(
