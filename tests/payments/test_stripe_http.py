@@ -9,36 +9,16 @@ import http.client
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from insertcoin.server.payments.gateway import StripeGateway, StripeRefused, StripeUnavailable
+from tests.support.http_server import LocalServer, QuietHandler
 from tests.support.services import free_port
 from tests.support.standin import API_KEY, StandInThread, standin_thread
-
-
-class QuietHandler(BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class LocalServer:
-    """An HTTP server on a free local port, serving from a thread until stopped."""
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class ForwardProxy(LocalServer):

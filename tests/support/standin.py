@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import stripe
 import uvicorn
 
 from insertcoin.server.payments.standin import StandIn
+from tests.support.http_server import LocalServer, QuietHandler
 from tests.support.services import free_port, wait_port
 
 WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
@@ -78,7 +78,7 @@ class Received:
         return event
 
 
-class WebhookReceiver:
+class WebhookReceiver(LocalServer):
     """An HTTP endpoint that records every POST; answers the statuses in `answers` first
     (one per request), then 200."""
 
@@ -88,7 +88,7 @@ class WebhookReceiver:
         self._lock = threading.Lock()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver._lock:
@@ -98,15 +98,8 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/webhooks/stripe"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
+        super().__init__(Handler)
+        self.url += "/webhooks/stripe"
 
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -125,10 +118,6 @@ class WebhookReceiver:
                 raise TimeoutError(f"webhooks received: {[e['type'] for e in events]}")
             time.sleep(0.02)
         return events
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @contextmanager
